@@ -1,0 +1,176 @@
+"""Loading students, teachers and tokenizers; devices and dtypes; tiny Llama configs.
+
+Model names are Hugging Face hub ids, local directories saved with
+`save_pretrained`, or `builtin:<task>:<role>` (role `teacher` or `student`): a tiny
+model for a built-in task, trained on first use and cached on disk
+(see `tropd.tasks.recipes`).
+"""
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_ROLES = ("teacher", "student")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def tiny_llama_config(
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 256,
+    tie_word_embeddings: bool = True,
+    pad_token_id: int = 0,
+    bos_token_id: int = 1,
+    eos_token_id: int = 2,
+    **kwargs: object,
+) -> LlamaConfig:
+    """A small Llama config; the default special ids match `build_char_tokenizer`.
+
+    `intermediate_size` defaults to `4 * hidden_size`; extra `kwargs` go to
+    `LlamaConfig` unchanged.
+    """
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} must be a multiple of num_heads {num_heads}")
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        **kwargs,
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    """`"auto"` is CUDA when available, else CPU; anything else is parsed by torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use cpu or auto")
+    return resolved
+
+
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """Parse a dtype name; `"auto"` is bfloat16 on a CUDA device that supports it, else float32.
+
+    `device` is what `"auto"` decides for; it defaults to `resolve_device("auto")`.
+    """
+    if name == "auto":
+        device = device or resolve_device("auto")
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if use_bf16 else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _parse_builtin(name: str) -> tuple[str, str]:
+    """`"builtin:add:teacher"` -> `("add", "teacher")`, checking both parts."""
+    from tropd.tasks import list_tasks
+
+    parts = name.split(":")
+    if len(parts) != 3 or parts[1] not in list_tasks() or parts[2] not in BUILTIN_ROLES:
+        raise ValueError(
+            f"bad built-in model name {name!r}; use builtin:<task>:<role> with task one of "
+            f"{', '.join(list_tasks())} and role one of {', '.join(BUILTIN_ROLES)}"
+        )
+    return parts[1], parts[2]
+
+
+def resolve_model_path(name: str, cache_dir: Path | None = None) -> str:
+    """The local directory of a `builtin:<task>:<role>` model (built on first use).
+
+    Any other name is returned unchanged.
+    """
+    if not name.startswith(BUILTIN_PREFIX):
+        return name
+    task_name, role = _parse_builtin(name)
+    # Imported here, not at the top: the recipe trains models with this module, and
+    # only built-in names need it.
+    from tropd.tasks.recipes import prepare_builtin
+
+    return str(prepare_builtin(task_name, role, cache_dir=cache_dir))
+
+
+def read_vocab_size(name_or_path: str) -> int:
+    """The model's vocabulary size, read from its config alone (no weights loaded).
+
+    For a built-in model it comes from the task's alphabet, so nothing is built.
+    """
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        from tropd.tasks import get_task
+        from tropd.tasks.tokenizer import vocab_size_for
+
+        return vocab_size_for(get_task(_parse_builtin(name_or_path)[0]).alphabet)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except OSError:
+        raise ValueError(
+            f"cannot read the config of model {name_or_path!r}: not a local model directory "
+            "and not available from the Hugging Face Hub (or its cache)"
+        ) from None
+    return config.get_text_config().vocab_size
+
+
+def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto") -> PreTrainedModel:
+    """Load a causal LM (hub id, local directory or built-in name) onto `device` in `dtype`.
+
+    Train/eval mode is left as `from_pretrained` sets it (eval).
+    """
+    torch_device = resolve_device(device)
+    path = resolve_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, torch_device))
+    except OSError:
+        raise ValueError(
+            f"cannot load model {name_or_path!r}: not a local model directory "
+            "and not available from the Hugging Face Hub (or its cache)"
+        ) from None
+    return model.to(torch_device)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer with a pad token (falling back to EOS) that pads on the left."""
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError:
+        raise ValueError(
+            f"cannot load the tokenizer of {name_or_path!r}: not a local model directory "
+            "and not available from the Hugging Face Hub (or its cache)"
+        ) from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer

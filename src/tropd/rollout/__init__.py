@@ -1,0 +1,113 @@
+"""Rollouts: prompts -> (teacher prefixes) -> student continuations -> `TokenBatch`."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch
+from tropd.rollout.engine import Engine, Generation, HFEngine, SamplingParams
+from tropd.rollout.guidance import guided_rows, prefix_cap, prefix_lengths
+
+
+@dataclass(frozen=True)
+class GuidancePlan:
+    """What the teacher writes this step: `cap` tokens at most, `mode` cap|uniform,
+    for `fraction` of each prompt's rollouts, sampled at `temperature`."""
+
+    cap: float
+    mode: str = "cap"
+    fraction: float = 1.0
+    temperature: float = 1.0
+
+
+def collect_rollouts(
+    student: Engine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    samples_per_prompt: int,
+    pad_token_id: int,
+    teacher: Engine | None = None,
+    guidance: GuidancePlan | None = None,
+    rng: random.Random | None = None,
+) -> TokenBatch:
+    """Sample `samples_per_prompt` responses per prompt and pack them right-padded.
+
+    With guidance, the teacher first writes up to `int(guidance.cap)` tokens per guided
+    rollout; a prefix of that is kept (origin TEACHER) and the student continues
+    (origin STUDENT) within the remaining budget `params.max_new_tokens - len(prefix)`.
+    A prefix that ends with the teacher's EOS makes the rollout fully off-policy.
+    Rows are prompt-major; `group` holds each row's prompt index.
+    """
+    rng = rng or random.Random(0)
+    rows = [p for p in prompts for _ in range(samples_per_prompt)]
+    prefixes: list[Generation] = [Generation([], [], False) for _ in rows]
+    cap = int(guidance.cap) if guidance is not None else 0
+    if teacher is not None and cap > 0:
+        guided = guided_rows(len(prompts), samples_per_prompt, guidance.fraction, rng)
+        picked = [i for i, g in enumerate(guided) if g]
+        written = teacher.generate(
+            [rows[i] for i in picked],
+            SamplingParams(min(cap, params.max_new_tokens), guidance.temperature, 1.0),
+        )
+        keep = prefix_lengths(
+            [len(g.tokens) for g in written], cap, guidance.mode, [True] * len(picked), rng
+        )
+        for i, gen, n in zip(picked, written, keep, strict=True):
+            prefixes[i] = Generation(gen.tokens[:n], [], gen.finished and n == len(gen.tokens))
+
+    open_rows = [
+        i
+        for i, p in enumerate(prefixes)
+        if not p.finished and len(p.tokens) < params.max_new_tokens
+    ]
+    continuations = student.generate(
+        [rows[i] + prefixes[i].tokens for i in open_rows],
+        [
+            SamplingParams(
+                params.max_new_tokens - len(prefixes[i].tokens), params.temperature, params.top_p
+            )
+            for i in open_rows
+        ],
+    )
+    cont: dict[int, Generation] = dict(zip(open_rows, continuations, strict=True))
+
+    width = max(
+        len(r) + len(p.tokens) + len(cont[i].tokens if i in cont else [])
+        for i, (r, p) in enumerate(zip(rows, prefixes, strict=True))
+    )
+    shape = (len(rows), width)
+    tokens = torch.full(shape, pad_token_id, dtype=torch.long)
+    origin = torch.full(shape, PROMPT, dtype=torch.long)
+    attention = torch.zeros(shape, dtype=torch.long)
+    sampler_lp = torch.zeros(shape)
+    for i, (prompt, prefix) in enumerate(zip(rows, prefixes, strict=True)):
+        gen = cont.get(i, Generation([], [], True))
+        seq = prompt + prefix.tokens + gen.tokens
+        a, b = len(prompt), len(prompt) + len(prefix.tokens)
+        tokens[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention[i, : len(seq)] = 1
+        origin[i, a:b] = TEACHER
+        origin[i, b : len(seq)] = STUDENT
+        sampler_lp[i, b : len(seq)] = torch.tensor(gen.logprobs)
+    group = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
+    return TokenBatch(
+        tokens=tokens,
+        origin=origin,
+        attention_mask=attention,
+        sampler_logprobs=sampler_lp,
+        group=group,
+    )
+
+
+__all__ = [
+    "Engine",
+    "Generation",
+    "GuidancePlan",
+    "HFEngine",
+    "SamplingParams",
+    "collect_rollouts",
+    "prefix_cap",
+]

@@ -1,0 +1,47 @@
+"""Off-policy guidance (SPEC §2.5): teacher prefixes whose cap shrinks to zero."""
+
+from __future__ import annotations
+
+import math
+import random
+
+
+def prefix_cap(step: int, total_steps: int, max_len: int) -> float:
+    """`L_max(s) = L_0 * (1 + cos(pi * s / (S - 1))) / 2` for steps s = 0 .. S-1.
+
+    Equals `max_len` at the first step and 0 at the last, so training starts fully
+    off-policy and ends fully on-policy.
+    """
+    if total_steps <= 1:
+        return 0.0
+    progress = min(max(step / (total_steps - 1), 0.0), 1.0)
+    return max_len * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def prefix_lengths(
+    teacher_lengths: list[int],
+    cap: float,
+    mode: str,
+    guided: list[bool],
+    rng: random.Random,
+) -> list[int]:
+    """Tokens of each teacher response to keep: `cap` mode keeps `min(|y_T|, cap)`,
+    `uniform` draws `l ~ U{0 .. min(|y_T|, cap)}`; unguided rollouts keep 0."""
+    lengths = []
+    for n_teacher, is_guided in zip(teacher_lengths, guided, strict=True):
+        limit = min(n_teacher, int(cap)) if is_guided else 0
+        lengths.append(rng.randint(0, limit) if mode == "uniform" else limit)
+    return lengths
+
+
+def guided_rows(
+    num_prompts: int, samples_per_prompt: int, fraction: float, rng: random.Random
+) -> list[bool]:
+    """Which rollouts get a prefix: `round(fraction * n)` of the n rollouts of each prompt,
+    chosen at random. Rows are ordered prompt-major (prompt i owns rows i*n .. i*n+n-1)."""
+    per_prompt = round(fraction * samples_per_prompt)
+    flags = []
+    for _ in range(num_prompts):
+        chosen = set(rng.sample(range(samples_per_prompt), per_prompt))
+        flags.extend(j in chosen for j in range(samples_per_prompt))
+    return flags

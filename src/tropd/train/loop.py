@@ -1,0 +1,358 @@
+"""The on-policy distillation loop: rollout -> teacher scoring -> objective -> step.
+
+Reads top to bottom like the algorithm; the plumbing (models, checkpoints, metric
+files, progress) lives in small helpers below `train`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tropd.batch import TokenBatch, align_logits
+from tropd.config import Config, ConfigError, save_config
+from tropd.models import load_model, load_tokenizer, read_vocab_size
+from tropd.objectives import Objective, get_objective
+from tropd.rollout import GuidancePlan, HFEngine, SamplingParams, collect_rollouts, prefix_cap
+from tropd.tasks import get_task
+from tropd.tasks.recipes import prompt_ids
+from tropd.teacher import score_batch
+from tropd.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tropd.train.evaluate import evaluate
+from tropd.train.progress import Progress
+
+
+@dataclass
+class Setup:
+    """Everything a run holds between steps."""
+
+    config: Config
+    run_dir: Path
+    student: Any
+    teacher: Any
+    tokenizer: Any
+    task: Any
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_prompts: list[list[int]]
+    eval_items: list
+    eval_prompts: list[list[int]]
+
+
+def train(config: Config, resume: bool = False, rank: int = 0, world_size: int = 1) -> Path:
+    """Run (or resume) training as configured; returns the run directory.
+
+    `rank`/`world_size` select this process's shard of each step's prompts.
+    """
+    run_dir = prepare_run_dir(config, resume)
+    setup = build(config, run_dir)
+    start, skipped = 0, 0
+    if resume and (checkpoints := list_checkpoints(run_dir)):
+        state = load_checkpoint(checkpoints[-1], setup.student, setup.optimizer, setup.scheduler)
+        start, skipped = state["step"], state["skipped_steps"]
+    truncate_jsonl(run_dir / "metrics.jsonl", start)
+    truncate_jsonl(run_dir / "samples.jsonl", start)
+    cfg = config.run
+    with Progress(cfg.steps, enabled=cfg.progress and rank == 0, start=start) as progress:
+        if start == 0 and config.eval.every:
+            write_jsonl(run_dir / "metrics.jsonl", {"step": 0, **run_eval(setup)})
+        for step in range(start + 1, cfg.steps + 1):
+            seed_everything(cfg.seed, step, rank)
+            record = train_step(setup, step, rank, world_size)
+            skipped += int(record["skipped"])
+            record["skipped_steps"] = skipped
+            if config.eval.every and (step % config.eval.every == 0 or step == cfg.steps):
+                record.update(run_eval(setup))
+            samples = record.pop("samples")
+            write_jsonl(run_dir / "metrics.jsonl", record)
+            for sample in samples:
+                write_jsonl(run_dir / "samples.jsonl", {"step": step, **sample})
+            progress.update(step, record)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                save_checkpoint(
+                    run_dir,
+                    step,
+                    setup.student,
+                    setup.optimizer,
+                    setup.scheduler,
+                    {
+                        "skipped_steps": skipped,
+                        "data_position": step * config.rollout.prompts_per_step,
+                    },
+                    cfg.keep_checkpoints,
+                )
+    export_final(setup)
+    return run_dir
+
+
+def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str, Any]:
+    """One optimizer step. Returns the metrics record (with `samples` for the log)."""
+    config, student = setup.config, setup.student
+    tic = time.perf_counter()
+    prompts = prompts_for_step(
+        setup.train_prompts, step, config.rollout.prompts_per_step, rank, world_size
+    )
+    batch, cap = rollout(setup, prompts, step)
+    batch = score_batch(
+        setup.teacher,
+        batch.to(device_of(setup.teacher)),
+        config.teacher.top_k,
+        config.teacher.chunk_size,
+    ).to(device_of(student))
+    rollout_s = time.perf_counter() - tic
+
+    student.train()
+    setup.optimizer.zero_grad(set_to_none=True)
+    denominator = setup.objective.denominator(batch)
+    gate = torch.Generator().manual_seed(config.run.seed * 1_000_003 + step)
+    size = config.optim.micro_batch_size
+    losses, metrics = [], []
+    for begin in range(0, len(batch), size):
+        micro = batch.select(slice(begin, begin + size)).trim()
+        logits = align_logits(
+            student(input_ids=micro.tokens, attention_mask=micro.attention_mask).logits
+        )
+        out = setup.objective(logits, micro, denominator=denominator, generator=gate)
+        if not torch.isfinite(out.loss):
+            losses.append(out.loss.detach())
+            break
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        metrics.append((len(micro), out.metrics))
+    loss = float(torch.stack(losses).sum())
+    clip = config.optim.grad_clip or math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip))
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if skipped:
+        setup.optimizer.zero_grad(set_to_none=True)
+    else:
+        setup.optimizer.step()
+    setup.scheduler.step()
+
+    record: dict[str, Any] = {
+        "step": step,
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "skipped": skipped,
+    }
+    record.update(weighted_mean(metrics))
+    record.update(rollout_stats(batch, cap))
+    record["lr"] = setup.scheduler.get_last_lr()[0]
+    record["time_rollout_s"] = rollout_s
+    record["time_step_s"] = time.perf_counter() - tic
+    record["samples"] = sample_log(batch, setup.tokenizer, config.run.log_samples)
+    return record
+
+
+def rollout(setup: Setup, prompts: list[list[int]], step: int) -> tuple[TokenBatch, float]:
+    """Sample this step's responses, with teacher prefixes when guidance is on.
+    Returns the batch and the prefix cap used (0 without guidance)."""
+    config = setup.config
+    r, g = config.rollout, config.guidance
+    pad, eos = setup.tokenizer.pad_token_id, setup.tokenizer.eos_token_id
+    guided = g.enabled if g.enabled is not None else setup.objective.wants_guidance
+    cap = prefix_cap(step - 1, config.run.steps, r.max_new_tokens) if guided else 0.0
+    plan = GuidancePlan(cap, g.prefix, g.guided_fraction, g.temperature)
+    batch = collect_rollouts(
+        HFEngine(setup.student, pad, eos),
+        prompts,
+        SamplingParams(r.max_new_tokens, r.temperature, r.top_p),
+        r.samples_per_prompt,
+        pad,
+        teacher=HFEngine(setup.teacher, pad, eos) if guided else None,
+        guidance=plan,
+        rng=random.Random(config.run.seed * 7919 + step),
+    )
+    return batch, cap
+
+
+def run_eval(setup: Setup) -> dict[str, float]:
+    e, tok = setup.config.eval, setup.tokenizer
+    return evaluate(
+        setup.student,
+        setup.teacher,
+        HFEngine(setup.student, tok.pad_token_id, tok.eos_token_id),
+        tok,
+        setup.task,
+        setup.eval_items,
+        setup.eval_prompts,
+        e.max_new_tokens or setup.config.rollout.max_new_tokens,
+        e.temperature,
+        setup.config.teacher.chunk_size,
+    )
+
+
+# --- setup ------------------------------------------------------------------------
+
+
+def prepare_run_dir(config: Config, resume: bool) -> Path:
+    """Create the run directory; refuse to overwrite a previous run unless resuming."""
+    run_dir = Path(config.run.output_dir)
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(
+            f"run.output_dir {str(run_dir)!r} already holds a run; pass --resume to continue it "
+            "or choose another run.output_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    return run_dir
+
+
+def check_models(config: Config) -> None:
+    """Checks that need the models' configs (not their weights)."""
+    vocab_student = read_vocab_size(config.model.student)
+    vocab_teacher = read_vocab_size(config.model.teacher)
+    if vocab_student != vocab_teacher:
+        raise ConfigError(
+            f"model.teacher: vocabulary size {vocab_teacher} differs from model.student's "
+            f"{vocab_student}; on-policy distillation needs a shared tokenizer"
+        )
+    if config.teacher.top_k > vocab_teacher:
+        raise ConfigError(
+            f"teacher.top_k: {config.teacher.top_k} exceeds the vocabulary size {vocab_teacher}; "
+            f"set teacher.top_k <= {vocab_teacher}"
+        )
+
+
+def build(config: Config, run_dir: Path) -> Setup:
+    check_models(config)
+    task = get_task(config.task.name, **config.task.options)
+    m = config.model
+    student = load_model(m.student, m.dtype, m.device)
+    teacher = load_model(m.teacher, m.dtype, m.device)
+    teacher.requires_grad_(False).eval()
+    tokenizer = load_tokenizer(m.tokenizer or m.student)
+    objective = get_objective(config.objective.name, **config.objective.options)
+    o = config.optim
+    optimizer = torch.optim.AdamW(
+        student.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, o.warmup_steps, config.run.steps, o.schedule)
+    )
+    seed = config.run.seed
+    r = config.rollout
+    train_items = task.items("train", config.run.steps * r.prompts_per_step, seed)
+    eval_items = task.items("eval", config.eval.num_prompts, seed)
+
+    def encode(items: list) -> list[list[int]]:
+        return [prompt_ids(tokenizer, item.prompt) for item in items]
+
+    return Setup(
+        config,
+        run_dir,
+        student,
+        teacher,
+        tokenizer,
+        task,
+        objective,
+        optimizer,
+        scheduler,
+        encode(train_items),
+        eval_items,
+        encode(eval_items),
+    )
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up over `warmup` steps, then constant or cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def prompts_for_step(pool: list, step: int, per_step: int, rank: int, world_size: int) -> list:
+    """The prompts of `step` (1-based) that belong to `rank`: the data position is
+    `(step - 1) * per_step`, cycling through the pool; ranks take interleaved shares."""
+    begin = (step - 1) * per_step
+    chosen = [pool[(begin + i) % len(pool)] for i in range(per_step)]
+    return chosen[rank::world_size]
+
+
+def seed_everything(seed: int, step: int, rank: int) -> None:
+    """Seed per step so a resumed run samples exactly what an uninterrupted one would."""
+    torch.manual_seed(seed * 1_000_003 + step * 101 + rank)
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def export_final(setup: Setup) -> None:
+    """Save the student in Hugging Face format (written then renamed)."""
+    final, tmp = setup.run_dir / "final", setup.run_dir / ".tmp_final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    setup.student.save_pretrained(tmp)
+    setup.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.replace(final)
+
+
+# --- metrics and logs ----------------------------------------------------------
+
+
+def weighted_mean(parts: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Average micro-batch metrics weighted by their number of rows."""
+    total = sum(n for n, _ in parts)
+    keys = {k for _, m in parts for k in m}
+    return (
+        {k: sum(n * m.get(k, 0.0) for n, m in parts) / total for k in sorted(keys)} if total else {}
+    )
+
+
+def rollout_stats(batch: TokenBatch, cap: float) -> dict[str, float]:
+    """Response length, prefix lengths, the prefix cap and the fully off-policy share."""
+    prefix = batch.teacher_mask.sum(-1).float()
+    student = batch.student_mask.sum(-1).float()
+    return {
+        "response_len": float((prefix + student).mean()),
+        "prefix_len_mean": float(prefix.mean()),
+        "prefix_cap": cap,
+        "off_policy_fraction": float(((prefix > 0) & (student == 0)).float().mean()),
+    }
+
+
+def sample_log(batch: TokenBatch, tokenizer, n: int) -> list[dict[str, Any]]:
+    """The first `n` rollouts as text, split into prompt / teacher prefix / student part."""
+    out = []
+    for row in range(min(n, len(batch))):
+        tokens, origin = batch.tokens[row], batch.origin[row]
+        keep = batch.attention_mask[row].bool()
+
+        def text(code: int) -> str:
+            return tokenizer.decode(tokens[keep & (origin == code)].tolist())
+
+        out.append({"prompt": text(0), "teacher_prefix": text(1), "student": text(2)})
+    return out
+
+
+def write_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop records past `last_step` (written after the checkpoint a resume starts from)."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line and json.loads(line)["step"] <= last_step
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)

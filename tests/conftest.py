@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random teacher/student pairs saved as local HF directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from tropd.models import tiny_llama_config
+from tropd.tasks import get_task
+from tropd.tasks.tokenizer import build_char_tokenizer
+
+
+def save_tiny_model(path: Path, hidden: int, layers: int, seed: int, alphabet: str) -> str:
+    tokenizer = build_char_tokenizer(alphabet)
+    torch.manual_seed(seed)
+    config = tiny_llama_config(len(tokenizer), hidden, layers, num_heads=2)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> tuple[str, str]:
+    """(teacher_dir, student_dir): random tiny Llamas over the `add` task's alphabet."""
+    root = tmp_path_factory.mktemp("models")
+    alphabet = get_task("add").alphabet
+    teacher = save_tiny_model(root / "teacher", 32, 2, seed=1, alphabet=alphabet)
+    student = save_tiny_model(root / "student", 16, 1, seed=2, alphabet=alphabet)
+    return teacher, student
