@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .enumeration import V, OnePosition, one_position
+from .enumeration import OnePosition, V, one_position
 
 
 @pytest.fixture

@@ -61,7 +61,9 @@ def one_position(
     x = torch.arange(vocab)
     tokens = torch.stack([torch.full_like(x, PROMPT_TOKEN), x], dim=1)
     origin = torch.tensor([PROMPT, STUDENT]).expand(vocab, 2).clone()
-    logits = torch.stack([torch.zeros(vocab, vocab, dtype=theta.dtype), theta.expand(vocab, vocab)], 1)
+    logits = torch.stack(
+        [torch.zeros(vocab, vocab, dtype=theta.dtype), theta.expand(vocab, vocab)], 1
+    )
 
     lq = torch.log_softmax(sampler_logits.detach().double(), -1)[x]
     lp_teacher = torch.log_softmax(teacher_logits.double(), -1)

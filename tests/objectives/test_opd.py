@@ -74,12 +74,15 @@ def test_per_token_estimator_sums_per_position_kl_at_fixed_prefixes(seed: int) -
     """gamma = 0: E[grad] = grad[ KL_1 + sum_x1 sg(pi_S(x1)) KL_2(.|x1) ]."""
     case = _two_token_case(seed)
     out = get_objective("opd", gamma=0.0)(case.logits, case.batch)
-    grads = torch.autograd.grad(expected_token_loss(out.token_loss, case.q), [case.theta1, case.theta2])
+    grads = torch.autograd.grad(
+        expected_token_loss(out.token_loss, case.q), [case.theta1, case.theta2]
+    )
 
     prefix_prob = torch.softmax(case.theta1.detach(), -1)
-    per_position = full_reverse_kl(case.theta1, case.teacher1) + (
-        prefix_prob * full_reverse_kl(case.theta2, case.teacher2)
-    ).sum()
+    per_position = (
+        full_reverse_kl(case.theta1, case.teacher1)
+        + (prefix_prob * full_reverse_kl(case.theta2, case.teacher2)).sum()
+    )
     references = torch.autograd.grad(per_position, [case.theta1, case.theta2])
     for grad, reference in zip(grads, references, strict=True):
         torch.testing.assert_close(grad, reference, atol=1e-6, rtol=1e-5)
@@ -91,7 +94,9 @@ def test_undiscounted_return_gives_sequence_kl_gradient(seed: int) -> None:
     KL(pi_S(x1, x2) || pi_T(x1, x2)), including the prefix term that gamma = 0 drops."""
     case = _two_token_case(seed)
     out = get_objective("opd", gamma=1.0)(case.logits, case.batch)
-    grads = torch.autograd.grad(expected_token_loss(out.token_loss, case.q), [case.theta1, case.theta2])
+    grads = torch.autograd.grad(
+        expected_token_loss(out.token_loss, case.q), [case.theta1, case.theta2]
+    )
 
     lp_s = torch.log_softmax(case.theta1, -1)[:, None] + torch.log_softmax(case.theta2, -1)
     lp_t = torch.log_softmax(case.teacher1, -1)[:, None] + torch.log_softmax(case.teacher2, -1)
@@ -147,4 +152,6 @@ def test_ppo_clip_keeps_gradient_where_it_does_not_bind(name, ratio, reward) -> 
         batch = batch.replace(trust_mask=torch.ones_like(batch.tokens, dtype=torch.bool))
     out = get_objective(name, ppo_clip=0.2)(logits, batch)
     (grad,) = torch.autograd.grad(out.loss, theta)
-    torch.testing.assert_close(grad, -ratio * reward * grad_logprob(theta, token), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        grad, -ratio * reward * grad_logprob(theta, token), rtol=1e-5, atol=1e-7
+    )

@@ -119,7 +119,9 @@ def test_draws_are_reproducible_from_the_generator_seed() -> None:
 
 @pytest.mark.parametrize("gate", ["hard", "soft", "threshold"])
 def test_injected_mask_overrides_the_gate_exactly(gate: str) -> None:
-    mask = torch.tensor([[False, True], [False, False], [False, True], [True, False], [False, True]])
+    mask = torch.tensor(
+        [[False, True], [False, False], [False, True], [True, False], [False, True]]
+    )
     case = stale_case(trust_mask=mask)
     objective = get_objective("tropd", trust_gate=gate, outlier="fkl")
     out = objective(case.logits, case.batch, generator=torch.Generator().manual_seed(0))
@@ -138,7 +140,9 @@ def test_injected_mask_overrides_the_gate_exactly(gate: str) -> None:
     (grad,) = torch.autograd.grad(out.token_loss.sum(), case.theta)
     (fkl_grad,) = torch.autograd.grad(full_forward_kl(case.theta, TEACHER), case.theta)
     expected_grad = sum(
-        -torch.exp(case.student_logprobs[x] - lq[x]) * (lpt[x] - lq[x]) * grad_logprob(case.theta, x)
+        -torch.exp(case.student_logprobs[x] - lq[x])
+        * (lpt[x] - lq[x])
+        * grad_logprob(case.theta, x)
         if mask[x, 1]
         else fkl_grad
         for x in range(V)
@@ -159,11 +163,16 @@ def test_soft_gate_is_the_exact_expectation_over_mask_outcomes(outlier: str) -> 
     soft = objective(soft_case.logits, soft_case.batch)
     (soft_grad,) = torch.autograd.grad(soft.loss, soft_case.theta)
 
-    trusted_case, outlier_case = stale_case(trust_mask=_all(True)), stale_case(trust_mask=_all(False))
+    trusted_case, outlier_case = (
+        stale_case(trust_mask=_all(True)),
+        stale_case(trust_mask=_all(False)),
+    )
     trusted = objective(trusted_case.logits, trusted_case.batch)
     outlying = objective(outlier_case.logits, outlier_case.batch)
     expected = p * trusted.token_loss[:, 1].double() + (1 - p) * outlying.token_loss[:, 1].double()
-    torch.testing.assert_close(soft.token_loss[:, 1].double(), expected.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        soft.token_loss[:, 1].double(), expected.detach(), rtol=1e-5, atol=1e-7
+    )
 
     # the token_mean denominator does not depend on the mask, so the loss is linear too
     mix = (p * trusted.token_loss[:, 1] + (1 - p) * outlying.token_loss[:, 1]).sum() / V
@@ -183,7 +192,10 @@ def test_soft_gate_is_the_mean_of_many_hard_draws() -> None:
     for trusted in (True, False):
         case = stale_case(trust_mask=_all(trusted))
         out = get_objective("tropd", trust_gate="hard")(case.logits, case.batch)
-        grads = [torch.autograd.grad(out.token_loss[x, 1], case.theta, retain_graph=True)[0] for x in range(V)]
+        grads = [
+            torch.autograd.grad(out.token_loss[x, 1], case.theta, retain_graph=True)[0]
+            for x in range(V)
+        ]
         per_token[trusted] = (out.token_loss[:, 1].detach().double(), torch.stack(grads))
     loss_gap = per_token[True][0] - per_token[False][0]
     grad_gap = per_token[True][1] - per_token[False][1]
@@ -197,10 +209,16 @@ def test_soft_gate_is_the_mean_of_many_hard_draws() -> None:
     hard_case = stale_case()
     many = torch.arange(V).repeat(copies)
     hard = get_objective("tropd", trust_gate="hard")(
-        hard_case.logits[many], hard_case.batch.select(many), generator=torch.Generator().manual_seed(2)
+        hard_case.logits[many],
+        hard_case.batch.select(many),
+        generator=torch.Generator().manual_seed(2),
     )
     (hard_grad,) = torch.autograd.grad(hard.loss, hard_case.theta)
 
     assert abs(hard.loss.item() - soft.loss.item()) < 5 * loss_std
-    assert ((hard_grad - soft_grad).abs() <= 5 * grad_std + 1e-7).all(), (hard_grad, soft_grad, grad_std)
+    assert ((hard_grad - soft_grad).abs() <= 5 * grad_std + 1e-7).all(), (
+        hard_grad,
+        soft_grad,
+        grad_std,
+    )
     assert loss_std > 0 and (grad_std > 0).all()

@@ -176,19 +176,23 @@ def rollout(setup: Setup, prompts: list[list[int]], step: int) -> tuple[TokenBat
 
 
 def run_eval(setup: Setup) -> dict[str, float]:
+    """Evaluate with a fixed seed (same sampling noise at every evaluation), leaving the
+    training RNG untouched."""
     e, tok = setup.config.eval, setup.tokenizer
-    return evaluate(
-        setup.student,
-        setup.teacher,
-        HFEngine(setup.student, tok.pad_token_id, tok.eos_token_id),
-        tok,
-        setup.task,
-        setup.eval_items,
-        setup.eval_prompts,
-        e.max_new_tokens or setup.config.rollout.max_new_tokens,
-        e.temperature,
-        setup.config.teacher.chunk_size,
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(setup.config.run.seed)
+        return evaluate(
+            setup.student,
+            setup.teacher,
+            HFEngine(setup.student, tok.pad_token_id, tok.eos_token_id),
+            tok,
+            setup.task,
+            setup.eval_items,
+            setup.eval_prompts,
+            e.max_new_tokens or setup.config.rollout.max_new_tokens,
+            e.temperature,
+            setup.config.teacher.chunk_size,
+        )
 
 
 # --- setup ------------------------------------------------------------------------

@@ -1,0 +1,28 @@
+# `make demo` installs everything and runs a TrOPD distillation; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+# torch 2.13.0: a CPU build on CPU-only machines set up like ours, the usual CUDA build elsewhere.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+RUN_ID := $(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: install demo test test-fast lint
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/tropd train examples/quickstart.yaml run.output_dir=runs/quickstart-$(RUN_ID)
+
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

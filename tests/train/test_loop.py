@@ -1,0 +1,155 @@
+"""End-to-end training on tiny models: learning, resume, non-finite steps, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tropd.config import ConfigError, load_config
+from tropd.train import loop
+from tropd.train.checkpoint import list_checkpoints
+
+TIMING = ("time_rollout_s", "time_step_s")
+
+
+@pytest.fixture(scope="module")
+def sharp_pair(tiny_pair, tmp_path_factory) -> tuple[str, str]:
+    """A teacher with peaked (low-entropy) distributions, so it differs clearly from the
+    random student: its output embedding is scaled up."""
+    teacher_dir, student_dir = tiny_pair
+    out = tmp_path_factory.mktemp("sharp") / "teacher"
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight.mul_(8.0)
+    teacher.save_pretrained(out)
+    return str(out), student_dir
+
+
+def make_config(pair, run_dir: Path, *overrides: str):
+    teacher, student = pair
+    return load_config(
+        None,
+        [
+            f"model.teacher={teacher}",
+            f"model.student={student}",
+            f"run.output_dir={run_dir}",
+            "run.progress=false",
+            "rollout.prompts_per_step=8",
+            "rollout.samples_per_prompt=4",
+            "rollout.max_new_tokens=8",
+            "teacher.top_k=8",
+            "eval.num_prompts=32",
+            *overrides,
+        ],
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("objective", ["opd", "tropd"])
+def test_reverse_kl_on_heldout_prompts_falls(sharp_pair, tmp_path, objective):
+    config = make_config(
+        sharp_pair,
+        tmp_path / objective,
+        "run.steps=20",
+        "run.save_every=0",
+        "eval.every=20",
+        "optim.lr=1e-2",
+        f"objective.name={objective}",
+    )
+    run_dir = loop.train(config)
+    evals = [m for m in read_metrics(run_dir) if "eval/reverse_kl" in m]
+    before, after = evals[0]["eval/reverse_kl"], evals[-1]["eval/reverse_kl"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 20
+    assert after < 0.6 * before, (before, after)
+
+
+def test_run_directory_contents(sharp_pair, tmp_path):
+    config = make_config(
+        sharp_pair, tmp_path / "run", "run.steps=3", "run.save_every=2", "eval.every=0"
+    )
+    run_dir = loop.train(config)
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    required = {"step", "loss", "grad_norm", "reward_mean", "trust_fraction", "outlier_fraction",
+                "student_entropy", "prefix_cap", "prefix_len_mean", "skipped_steps"}
+    assert required <= set(metrics[0])
+    assert metrics[0]["prefix_cap"] == 8.0 and metrics[-1]["prefix_cap"] == 0.0
+    assert load_config(run_dir / "config.yaml") == config
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert {"step", "prompt", "teacher_prefix", "student"} <= set(samples[0])
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_0000002", "step_0000003"]
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert final.config.vocab_size == AutoModelForCausalLM.from_pretrained(sharp_pair[1]).config.vocab_size
+    with pytest.raises(ConfigError, match="--resume"):
+        loop.train(config)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(sharp_pair, tmp_path, monkeypatch):
+    common = ("run.steps=5", "run.save_every=2", "eval.every=5", "optim.lr=1e-2")
+    full = loop.train(make_config(sharp_pair, tmp_path / "full", *common))
+
+    partial_config = make_config(sharp_pair, tmp_path / "killed", *common)
+    real_step = loop.train_step
+
+    def dies_at_step_4(setup, step, rank, world_size):
+        if step == 4:
+            raise KeyboardInterrupt  # after the step-2 checkpoint and step 3's metrics
+        return real_step(setup, step, rank, world_size)
+
+    monkeypatch.setattr(loop, "train_step", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(partial_config)
+    monkeypatch.setattr(loop, "train_step", real_step)
+    assert [m["step"] for m in read_metrics(tmp_path / "killed")] == [0, 1, 2, 3]
+    resumed = loop.train(partial_config, resume=True)
+
+    expected, got = read_metrics(full), read_metrics(resumed)
+    assert [m["step"] for m in got] == [0, 1, 2, 3, 4, 5]
+    for a, b in zip(expected, got, strict=True):
+        for key in set(a) - set(TIMING):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    final_a = AutoModelForCausalLM.from_pretrained(full / "final").state_dict()
+    final_b = AutoModelForCausalLM.from_pretrained(resumed / "final").state_dict()
+    for name, tensor in final_a.items():
+        torch.testing.assert_close(final_b[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_non_finite_loss_skips_the_step_without_touching_weights(sharp_pair, tmp_path, monkeypatch):
+    config = make_config(sharp_pair, tmp_path / "nan", "run.steps=2", "run.save_every=0",
+                         "eval.every=0", "objective.name=opd")
+    real_build = loop.build
+    captured = {}
+
+    def build_with_poisoned_objective(config, run_dir):
+        setup = real_build(config, run_dir)
+        objective = setup.objective
+        captured["before"] = {k: v.clone() for k, v in setup.student.state_dict().items()}
+        captured["student"] = setup.student
+
+        class Poisoned:
+            def __getattr__(self, name):
+                return getattr(objective, name)
+
+            def __call__(self, logits, batch, **kw):
+                out = objective(logits, batch, **kw)
+                out.loss = out.loss * float("nan")
+                return out
+
+        setup.objective = Poisoned()
+        return setup
+
+    monkeypatch.setattr(loop, "build", build_with_poisoned_objective)
+    loop.train(config)
+    metrics = read_metrics(tmp_path / "nan")
+    assert [m["skipped"] for m in metrics] == [True, True]
+    assert metrics[-1]["skipped_steps"] == 2
+    after = captured["student"].state_dict()
+    for name, tensor in captured["before"].items():
+        assert torch.equal(after[name], tensor), name
