@@ -1,4 +1,4 @@
-"""Command line: `tropd train`, `tropd objectives`, `tropd --version`.
+"""Command line: `tropd train`, `tropd objectives`, `tropd config`, `tropd --version`.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config, 130 interrupted.
 """
@@ -27,13 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
     commands.add_parser("objectives", help="list the methods and their options")
+    commands.add_parser("config", help="print every config key, its default and meaning")
 
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     try:
         if args.command == "train":
             return _train(args, console)
-        _objectives()
+        if args.command == "config":
+            _config_reference()
+        else:
+            _objectives()
         return EXIT_OK
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; resume with --resume[/]")
@@ -51,6 +55,17 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     run_dir = train(config, resume=args.resume)
     console.print(f"[green]done:[/] {run_dir}  (metrics.jsonl, samples.jsonl, final/)")
     return EXIT_OK
+
+
+def _config_reference() -> None:
+    from tropd.config import config_reference
+
+    table = Table(title="tropd config keys (YAML sections, or key.sub=value overrides)")
+    for column in ("key", "default", "meaning"):
+        table.add_column(column, overflow="fold")
+    for row in config_reference():
+        table.add_row(*row)
+    Console().print(table)
 
 
 def _objectives() -> None:

@@ -23,69 +23,92 @@ class _Section(BaseModel):
 
 
 class RunConfig(_Section):
-    output_dir: str = "runs/tropd"  # the run directory
-    seed: int = 0
-    steps: int = Field(50, gt=0)  # optimizer steps
-    save_every: int = Field(10, ge=0)  # checkpoint every N steps (0: only at the end)
-    keep_checkpoints: int = Field(2, gt=0)
-    log_samples: int = Field(2, ge=0)  # samples per step written to samples.jsonl
-    progress: bool = True  # rich progress bar
+    output_dir: str = Field("runs/tropd", description="the run directory")
+    seed: int = Field(0, description="seeds sampling, the trust gate and data order")
+    steps: int = Field(50, gt=0, description="optimizer steps S (also the guidance horizon)")
+    save_every: int = Field(10, ge=0, description="checkpoint every N steps (0: only the last)")
+    keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept on disk")
+    log_samples: int = Field(2, ge=0, description="rollouts per step written to samples.jsonl")
+    progress: bool = Field(True, description="show the rich progress bar")
 
 
 class ModelConfig(_Section):
-    student: str = "builtin:add:student"  # HF id, local dir, or builtin:<task>:<role>
-    teacher: str = "builtin:add:teacher"
-    tokenizer: str | None = None  # default: the student's
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    student: str = Field(
+        "builtin:add:student",
+        description="HF id, local directory, or builtin:<task>:<role> (trained and cached)",
+    )
+    teacher: str = Field("builtin:add:teacher", description="same forms as model.student")
+    tokenizer: str | None = Field(None, description="tokenizer to use (default: the student's)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on a CUDA GPU that supports it, else float32"
+    )
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
 
 
 class TaskConfig(_Section):
-    name: str = "add"  # a built-in task (see `tropd.tasks.list_tasks`)
-    options: dict[str, Any] = Field(default_factory=dict)  # passed to the task constructor
-    system_prompt: str | None = None
+    name: str = Field("add", description="a built-in task: add, copy, reverse")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="task constructor options, e.g. {digits: 3}"
+    )
+    system_prompt: str | None = Field(
+        None, description="system message rendered before each prompt (chat template)"
+    )
 
 
 class RolloutConfig(_Section):
-    prompts_per_step: int = Field(8, gt=0)
-    samples_per_prompt: int = Field(4, gt=0)
-    max_new_tokens: int = Field(16, gt=0)  # L_0: the response budget
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    prompts_per_step: int = Field(8, gt=0, description="prompts per optimizer step")
+    samples_per_prompt: int = Field(4, gt=0, description="rollouts per prompt")
+    max_new_tokens: int = Field(16, gt=0, description="L_0: response budget (prefix included)")
+    temperature: float = Field(1.0, gt=0, description="student sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="student nucleus sampling")
 
 
 class GuidanceConfig(_Section):
-    enabled: bool | None = None  # None: on for objectives that use it (tropd)
-    prefix: Literal["cap", "uniform"] = "cap"
-    guided_fraction: float = Field(1.0, ge=0, le=1)  # share of rollouts with a prefix
-    temperature: float = Field(1.0, gt=0)  # teacher sampling temperature
+    enabled: bool | None = Field(
+        None, description="teacher prefixes; null: on for objectives that use them (tropd)"
+    )
+    prefix: Literal["cap", "uniform"] = Field(
+        "cap", description="cap: l = min(|y_T|, L_max); uniform: l ~ U[0, min(|y_T|, L_max)]"
+    )
+    guided_fraction: float = Field(
+        1.0, ge=0, le=1, description="share of each prompt's rollouts that get a prefix"
+    )
+    temperature: float = Field(1.0, gt=0, description="teacher sampling temperature")
 
 
 class TeacherConfig(_Section):
-    top_k: int = Field(64, gt=0)  # k of the teacher's top-k log-probs
-    chunk_size: int = Field(1024, gt=0)  # positions per chunk when scoring
+    top_k: int = Field(64, gt=0, description="k of the teacher's top-k log-probs (paper: 64)")
+    chunk_size: int = Field(
+        1024, gt=0, description="positions per chunk when scoring (bounds [chunk, V] memory)"
+    )
 
 
 class ObjectiveConfig(_Section):
-    name: str = "tropd"
-    options: dict[str, Any] = Field(default_factory=dict)  # see `tropd objectives`
+    name: str = Field("tropd", description="a method from `tropd objectives`")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="method options, e.g. {beta: 0.001, outlier: fkl}"
+    )
 
 
 class OptimConfig(_Section):
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    grad_clip: float = Field(1.0, ge=0)  # max grad norm (0: off)
-    micro_batch_size: int = Field(8, gt=0)  # sequences per forward/backward
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="lr after warm-up: constant or cosine to 0"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0: no clipping)")
+    micro_batch_size: int = Field(
+        8, gt=0, description="sequences per forward/backward (gradient accumulation)"
+    )
 
 
 class EvalConfig(_Section):
-    every: int = Field(10, ge=0)  # evaluate every N steps (0: off)
-    num_prompts: int = Field(64, gt=0)  # held-out prompts
-    temperature: float = Field(0.0, ge=0)  # 0: greedy
-    max_new_tokens: int | None = None  # default: rollout.max_new_tokens
+    every: int = Field(10, ge=0, description="evaluate every N steps and at step 0 (0: off)")
+    num_prompts: int = Field(64, gt=0, description="held-out prompts (eval split)")
+    temperature: float = Field(0.0, ge=0, description="sampling for accuracy (0: greedy)")
+    max_new_tokens: int | None = Field(None, gt=0, description="default: rollout.max_new_tokens")
 
 
 class Config(_Section):
@@ -172,3 +195,25 @@ def save_config(config: Config, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     tmp.replace(path)
+
+
+def config_reference() -> list[tuple[str, str, str]]:
+    """(key path, default, meaning) for every setting, for the README and `tropd config`."""
+    rows = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, f"{prefix}{name}.")
+            else:
+                default = field.get_default(call_default_factory=True)
+                rows.append(
+                    (
+                        prefix + name,
+                        yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n..."),
+                        field.description or "",
+                    )
+                )
+
+    walk(Config, "")
+    return rows

@@ -92,6 +92,27 @@ def fixed_reply(tokens: list[int], eos: int):
     return reply
 
 
+@pytest.fixture(scope="module")
+def sampled(tiny: Tiny) -> TokenBatch:
+    """Unguided rollouts at temperature 1, top_p 1."""
+    return rollouts(tiny, seed=3)
+
+
+@dataclass
+class Guided:
+    batch: TokenBatch
+    teacher: RecordingEngine
+    cap: int
+
+
+@pytest.fixture(scope="module")
+def guided(tiny: Tiny) -> Guided:
+    """Rollouts whose teacher prefixes are capped at 4 of the 12 tokens."""
+    teacher = RecordingEngine(tiny.teacher_engine())
+    batch = rollouts(tiny, seed=6, teacher=teacher, guidance=GuidancePlan(cap=4, mode="cap"))
+    return Guided(batch, teacher, 4)
+
+
 def rollouts(tiny: Tiny, seed: int = 0, temperature: float = 1.0, top_p: float = 1.0, **kw):
     torch.manual_seed(seed)
     return collect_rollouts(
@@ -149,23 +170,24 @@ def check_layout(batch: TokenBatch, prompts: list[list[int]], pad: int, max_new:
 # --- layout ------------------------------------------------------------------------
 
 
-def test_unguided_batch_layout(tiny: Tiny) -> None:
-    batch = rollouts(tiny)
+def test_unguided_batch_layout(tiny: Tiny, sampled: TokenBatch) -> None:
+    batch = sampled
     check_layout(batch, tiny.prompts, tiny.pad, MAX_NEW)
     assert not batch.teacher_mask.any()
     assert batch.student_mask.sum(-1).gt(0).all(), "every unguided row samples a response"
 
 
-def test_guided_batch_layout(tiny: Tiny) -> None:
-    plan = GuidancePlan(cap=4, mode="cap")
-    batch = rollouts(tiny, teacher=tiny.teacher_engine(), guidance=plan)
+def test_guided_batch_layout(tiny: Tiny, guided: Guided) -> None:
+    batch = guided.batch
     check_layout(batch, tiny.prompts, tiny.pad, MAX_NEW)
     assert batch.teacher_mask.any() and batch.student_mask.any()
-    assert batch.teacher_mask.sum(-1).le(4).all()
+    assert batch.teacher_mask.sum(-1).le(guided.cap).all()
 
 
-def test_origin_runs_are_prompt_teacher_student_padding(tiny: Tiny) -> None:
-    batch = rollouts(tiny, teacher=tiny.teacher_engine(), guidance=GuidancePlan(cap=3))
+@pytest.mark.parametrize("kind", ["sampled", "guided"])
+def test_origin_runs_are_prompt_teacher_student_padding(kind: str, request) -> None:
+    batch = request.getfixturevalue(kind)
+    batch = batch if isinstance(batch, TokenBatch) else batch.batch
     for row in range(len(batch)):
         values = [v for v, _ in runs(batch.origin[row])]
         # prompt, then (teacher), then (student), then (padding); nothing else.
@@ -179,8 +201,8 @@ def test_origin_runs_are_prompt_teacher_student_padding(tiny: Tiny) -> None:
 # --- EOS ---------------------------------------------------------------------------
 
 
-def test_responses_stop_at_eos_and_include_it(tiny: Tiny) -> None:
-    batch = rollouts(tiny, seed=3)
+def test_responses_stop_at_eos_and_include_it(tiny: Tiny, sampled: TokenBatch) -> None:
+    batch = sampled
     ended, truncated = 0, 0
     for row in range(len(batch)):
         response = batch.tokens[row][batch.student_mask[row]].tolist()
@@ -218,8 +240,10 @@ def test_engine_respects_a_budget_per_prompt(tiny: Tiny) -> None:
 # --- sampler log-probs -------------------------------------------------------------
 
 
-def test_sampler_logprobs_are_the_students_own_at_temperature_one(tiny: Tiny) -> None:
-    batch = rollouts(tiny, seed=1)
+def test_sampler_logprobs_are_the_students_own_at_temperature_one(
+    tiny: Tiny, sampled: TokenBatch
+) -> None:
+    batch = sampled
     expected = token_logprobs(aligned_logits(tiny.student, batch), batch.tokens)
     student = batch.student_mask
     assert student.sum() > 20
@@ -306,11 +330,11 @@ def test_greedy_teacher_prefix_is_the_teachers_argmax(tiny: Tiny) -> None:
     assert torch.equal(batch.tokens[prefix], teacher_logits.argmax(-1)[prefix])
 
 
-def test_student_continues_from_the_kept_teacher_prefix(tiny: Tiny) -> None:
-    cap = 4
-    teacher = RecordingEngine(tiny.teacher_engine())
-    batch = rollouts(tiny, seed=6, teacher=teacher, guidance=GuidancePlan(cap=cap, mode="cap"))
-    (_, params, written) = teacher.calls[0]
+def test_student_continues_from_the_kept_teacher_prefix(tiny: Tiny, guided: Guided) -> None:
+    batch, cap = guided.batch, guided.cap
+    assert len(guided.teacher.calls) == 1
+    (asked, params, written) = guided.teacher.calls[0]
+    assert asked == [tiny.prompts[int(g)] for g in batch.group]
     assert params.max_new_tokens == cap  # the teacher writes no more than the cap
     for row, gen in enumerate(written):
         kept = batch.tokens[row][batch.teacher_mask[row]].tolist()
