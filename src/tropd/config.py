@@ -67,6 +67,9 @@ class GuidanceConfig(_Section):
     enabled: bool | None = Field(
         None, description="teacher prefixes; null: on for objectives that use them (tropd)"
     )
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="prefix cap L_max over steps: cosine from L_0 to 0, or constant L_0"
+    )
     prefix: Literal["cap", "uniform"] = Field(
         "cap", description="cap: l = min(|y_T|, L_max); uniform: l ~ U[0, min(|y_T|, L_max)]"
     )
@@ -210,7 +213,9 @@ def config_reference() -> list[tuple[str, str, str]]:
                 rows.append(
                     (
                         prefix + name,
-                        yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n..."),
+                        yaml.safe_dump(default, default_flow_style=True)
+                        .strip()
+                        .removesuffix("\n..."),
                         field.description or "",
                     )
                 )

@@ -106,6 +106,35 @@ def test_opd_ignores_teacher_tokens() -> None:
     )
 
 
+def test_metrics_on_a_guided_row_describe_student_tokens_only() -> None:
+    """reward_mean, student_entropy, teacher_topk_mass average the student tokens; the
+    outlier FKL and floor fraction average the outlier tokens among them."""
+    theta, batch = guided_row(trust=True)
+    trusted, outlier = STUDENT_POS
+    mask = torch.zeros(1, T, dtype=torch.bool)
+    mask[0, trusted] = True
+    out = get_objective("tropd")(theta[None], batch.replace(trust_mask=mask))
+
+    lp_s = torch.log_softmax(theta.detach(), -1)
+    reward = batch.teacher_logprobs[0] - batch.sampler_logprobs[0]
+    entropy = -(lp_s.exp() * lp_s).sum(-1)
+    mass = batch.teacher_topk_logprobs[0].exp().sum(-1)
+    for name, values in [
+        ("reward_mean", reward),
+        ("student_entropy", entropy),
+        ("teacher_topk_mass", mass),
+    ]:
+        expected = values[STUDENT_POS].mean().item()
+        assert out.metrics[name] == pytest.approx(expected, rel=1e-5), name
+
+    ids, lp_t = batch.teacher_topk_ids[0, outlier], batch.teacher_topk_logprobs[0, outlier]
+    fkl = (lp_t.exp() * (lp_t - lp_s[outlier, ids])).sum()
+    assert out.metrics["fkl_outlier"] == pytest.approx(fkl.item(), rel=1e-5)
+    assert out.metrics["trust_fraction"] == pytest.approx(0.5)
+    assert out.metrics["student_tokens"] == 2.0
+    assert out.metrics["teacher_tokens"] == 2.0
+
+
 def test_padding_filler_in_teacher_top_k_does_not_reach_the_loss() -> None:
     """Positions that are never trained may hold any filler in the teacher fields; a
     scorer that writes log 0 = -inf there must not turn the loss into NaN."""

@@ -34,6 +34,7 @@ class Method:
     paper: str
     guidance: bool = False  # whether rollouts get teacher prefixes by default
     trains_prefix: bool = False  # whether teacher-prefix tokens are trained (and counted)
+    needs_reward: bool = False  # whether the loop must fill `batch.reward` with the verifier
     choices: dict[str, tuple] = field(default_factory=dict)
 
 
@@ -117,6 +118,10 @@ class Objective:
     @property
     def wants_guidance(self) -> bool:
         return self.method.guidance
+
+    @property
+    def needs_reward(self) -> bool:
+        return self.method.needs_reward
 
     def trained_mask(self, batch: TokenBatch) -> torch.Tensor:
         """`[B, T]` bool: the tokens this method's aggregation counts."""

@@ -43,6 +43,7 @@ class Setup:
     objective: Objective
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_items: list
     train_prompts: list[list[int]]
     eval_items: list
     eval_prompts: list[list[int]]
@@ -101,7 +102,12 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     prompts = prompts_for_step(
         setup.train_prompts, step, config.rollout.prompts_per_step, rank, world_size
     )
+    prompt_items = prompts_for_step(
+        setup.train_items, step, config.rollout.prompts_per_step, rank, world_size
+    )
     batch, cap = rollout(setup, prompts, step)
+    if setup.objective.needs_reward:
+        batch = batch.replace(reward=verify(setup, batch, prompt_items))
     batch = score_batch(
         setup.teacher,
         batch.to(device_of(setup.teacher)),
@@ -160,7 +166,12 @@ def rollout(setup: Setup, prompts: list[list[int]], step: int) -> tuple[TokenBat
     r, g = config.rollout, config.guidance
     pad, eos = setup.tokenizer.pad_token_id, setup.tokenizer.eos_token_id
     guided = g.enabled if g.enabled is not None else setup.objective.wants_guidance
-    cap = prefix_cap(step - 1, config.run.steps, r.max_new_tokens) if guided else 0.0
+    cap = 0.0
+    if guided:
+        cosine = g.schedule == "cosine"
+        cap = (
+            prefix_cap(step - 1, config.run.steps, r.max_new_tokens) if cosine else r.max_new_tokens
+        )
     plan = GuidancePlan(cap, g.prefix, g.guided_fraction, g.temperature)
     batch = collect_rollouts(
         HFEngine(setup.student, pad, eos),
@@ -173,6 +184,18 @@ def rollout(setup: Setup, prompts: list[list[int]], step: int) -> tuple[TokenBat
         rng=random.Random(config.run.seed * 7919 + step),
     )
     return batch, cap
+
+
+def verify(setup: Setup, batch: TokenBatch, items: list) -> torch.Tensor:
+    """`[B]` task reward of each rollout (teacher prefix + student part) from the verifier."""
+    per_row = [items[int(g)] for g in batch.group]
+    texts = [
+        setup.tokenizer.decode(
+            batch.tokens[i][batch.response_mask[i]].tolist(), skip_special_tokens=True
+        )
+        for i in range(len(batch))
+    ]
+    return torch.tensor([setup.task.score(t, item) for t, item in zip(texts, per_row, strict=True)])
 
 
 def run_eval(setup: Setup) -> dict[str, float]:
@@ -261,6 +284,7 @@ def build(config: Config, run_dir: Path) -> Setup:
         objective,
         optimizer,
         scheduler,
+        train_items,
         encode(train_items),
         eval_items,
         encode(eval_items),
