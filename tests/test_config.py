@@ -82,6 +82,12 @@ def test_override_values_are_parsed(override: str, section: str, key: str, value
     assert got == value and type(got) is type(value)
 
 
+def test_exponent_floats_inside_objective_options_are_numbers() -> None:
+    # YAML 1.1 reads 1e-3 as a string; the objective options are an untyped dict.
+    options = load_config(None, ["objective.options.beta=1e-3"]).objective.options
+    assert options == {"beta": 0.001} and isinstance(options["beta"], float)
+
+
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
     config = load_config(
         None,

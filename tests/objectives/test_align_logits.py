@@ -75,7 +75,10 @@ def test_aligned_logits_make_opd_on_policy() -> None:
     out = get_objective("opd")(align_logits(raw), batch)
     # ratio 1 everywhere: loss_t = -r_t = 0.5 on every student token
     torch.testing.assert_close(
-        out.token_loss[:, 1:], torch.full((rows, length), 0.5), rtol=1e-5, atol=1e-6
+        out.token_loss[:, 1:],
+        torch.full((rows, length), 0.5, dtype=out.token_loss.dtype),
+        rtol=1e-5,
+        atol=1e-6,
     )
     out.loss.backward()
 

@@ -15,7 +15,7 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
     logits `[B, T, V]`; ids `[B, T]` or `[B, T, K]`; returns the shape of `ids`, fp32.
     """
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     lse = torch.logsumexp(logits, dim=-1)
     if ids.dim() == logits.dim() - 1:
         return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
@@ -25,7 +25,7 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of softmax(logits) over the last axis: `[..., V]` -> `[...]`."""
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     logprobs = torch.log_softmax(logits, dim=-1)
     return -(logprobs.exp() * logprobs).sum(-1)
 
@@ -89,8 +89,11 @@ def topk_forward_kl(
     student_topk = token_logprobs(student_logits, topk_ids)
     floored = student_topk < logprob_floor
     clamped = torch.clamp(student_topk, min=logprob_floor)
-    teacher_probs = topk_teacher_logprobs.float().exp()
-    kl = (teacher_probs * (topk_teacher_logprobs.float() - clamped)).sum(-1)
+    teacher_logprobs = topk_teacher_logprobs.to(clamped.dtype)
+    teacher_probs = teacher_logprobs.exp()
+    # 0 * log 0 = 0: an id the teacher gives no mass (log-prob -inf) adds nothing, not NaN.
+    per_id = torch.where(teacher_probs > 0, teacher_probs * (teacher_logprobs - clamped), 0.0)
+    kl = per_id.sum(-1)
     return kl, floored.float().mean(-1)
 
 

@@ -27,7 +27,7 @@ MethodResult = tuple[torch.Tensor, torch.Tensor, dict[str, tuple[torch.Tensor, t
 def _student_reward(batch: TokenBatch) -> torch.Tensor:
     """`r_t` on student tokens, 0 elsewhere."""
     reward = k1_reward(batch.teacher_logprobs.float(), batch.sampler_logprobs.float())
-    return reward * batch.student_mask
+    return torch.where(batch.student_mask, reward, 0.0)
 
 
 def opd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator) -> MethodResult:
@@ -38,7 +38,7 @@ def opd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator) -> Me
     token_loss = policy_gradient_loss(
         lp_student, batch.sampler_logprobs.float(), advantage, opt["ppo_clip"]
     )
-    return token_loss * student, student, {}
+    return torch.where(student, token_loss, 0.0), student, {}
 
 
 def tropd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator) -> MethodResult:
@@ -77,8 +77,8 @@ def tropd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator) -> 
         outlier_loss = torch.zeros_like(trust_loss)
 
     guidance_loss = opt["beta"] * (batch.teacher_logprobs.float() - lp_student)
-    token_loss = student * (weight * trust_loss + (1 - weight) * outlier_loss)
-    token_loss = token_loss + teacher * guidance_loss
+    student_loss = weight * trust_loss + (1 - weight) * outlier_loss
+    token_loss = torch.where(student, student_loss, torch.where(teacher, guidance_loss, 0.0))
     return token_loss, student | teacher, metrics
 
 
@@ -91,4 +91,4 @@ def topk_fkl(student_logits, batch: TokenBatch, opt: dict[str, Any], generator) 
         batch.teacher_topk_logprobs,
         opt["logprob_floor"],
     )
-    return kl * student, student, {"floor_fraction": (floor_hits, student)}
+    return torch.where(student, kl, 0.0), student, {"floor_fraction": (floor_hits, student)}
