@@ -35,8 +35,8 @@ class TokenBatch:
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2 or self.origin.shape != self.tokens.shape:
             raise ValueError(
-                f"TokenBatch: tokens and origin must both be [B, T]; got {tuple(self.tokens.shape)} "
-                f"and {tuple(self.origin.shape)}"
+                "TokenBatch: tokens and origin must both be [B, T]; got "
+                f"{tuple(self.tokens.shape)} and {tuple(self.origin.shape)}"
             )
         if self.attention_mask is None:
             self.attention_mask = torch.ones_like(self.tokens)

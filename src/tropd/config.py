@@ -7,6 +7,7 @@ is loaded.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -143,10 +144,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} is not key=value; write e.g. optim.lr=1e-4")
     value = yaml.safe_load(raw) if raw else ""
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)  # YAML 1.1 reads 1e-4 as a string
-        except ValueError:
-            pass
     return key.strip().split("."), value
 
 

@@ -77,8 +77,18 @@ def test_run_directory_contents(sharp_pair, tmp_path):
     run_dir = loop.train(config)
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3]
-    required = {"step", "loss", "grad_norm", "reward_mean", "trust_fraction", "outlier_fraction",
-                "student_entropy", "prefix_cap", "prefix_len_mean", "skipped_steps"}
+    required = {
+        "step",
+        "loss",
+        "grad_norm",
+        "reward_mean",
+        "trust_fraction",
+        "outlier_fraction",
+        "student_entropy",
+        "prefix_cap",
+        "prefix_len_mean",
+        "skipped_steps",
+    }
     assert required <= set(metrics[0])
     assert metrics[0]["prefix_cap"] == 8.0 and metrics[-1]["prefix_cap"] == 0.0
     assert load_config(run_dir / "config.yaml") == config
@@ -86,7 +96,10 @@ def test_run_directory_contents(sharp_pair, tmp_path):
     assert {"step", "prompt", "teacher_prefix", "student"} <= set(samples[0])
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_0000002", "step_0000003"]
     final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
-    assert final.config.vocab_size == AutoModelForCausalLM.from_pretrained(sharp_pair[1]).config.vocab_size
+    assert (
+        final.config.vocab_size
+        == AutoModelForCausalLM.from_pretrained(sharp_pair[1]).config.vocab_size
+    )
     with pytest.raises(ConfigError, match="--resume"):
         loop.train(config)
 
@@ -122,8 +135,14 @@ def test_resume_after_interruption_matches_uninterrupted_run(sharp_pair, tmp_pat
 
 
 def test_non_finite_loss_skips_the_step_without_touching_weights(sharp_pair, tmp_path, monkeypatch):
-    config = make_config(sharp_pair, tmp_path / "nan", "run.steps=2", "run.save_every=0",
-                         "eval.every=0", "objective.name=opd")
+    config = make_config(
+        sharp_pair,
+        tmp_path / "nan",
+        "run.steps=2",
+        "run.save_every=0",
+        "eval.every=0",
+        "objective.name=opd",
+    )
     real_build = loop.build
     captured = {}
 
@@ -153,3 +172,39 @@ def test_non_finite_loss_skips_the_step_without_touching_weights(sharp_pair, tmp
     after = captured["student"].state_dict()
     for name, tensor in captured["before"].items():
         assert torch.equal(after[name], tensor), name
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(sharp_pair, tmp_path):
+    """A real `kill -9` of `tropd train` after its first checkpoint; `--resume` finishes the
+    run with the metrics and weights of an uninterrupted one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    common = ("run.steps=6", "run.save_every=2", "eval.every=3", "optim.lr=1e-2")
+    expected = read_metrics(loop.train(make_config(sharp_pair, tmp_path / "full", *common)))
+
+    config = make_config(sharp_pair, tmp_path / "killed", *common)
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    command = [sys.executable, "-m", "tropd", "train", str(path)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(tmp_path / "killed") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list_checkpoints(tmp_path / "killed"), "no checkpoint before the deadline"
+    assert not (tmp_path / "killed" / "final").exists(), "the run finished before the kill"
+
+    done = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = read_metrics(tmp_path / "killed")
+    assert [m["step"] for m in got] == [m["step"] for m in expected]
+    for a, b in zip(expected, got, strict=True):
+        for key in set(a) - set(TIMING):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tropd.batch import TokenBatch, align_logits
+from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch, align_logits
 from tropd.config import Config, ConfigError, save_config
 from tropd.models import load_model, load_tokenizer, read_vocab_size
 from tropd.objectives import Objective, get_objective
@@ -354,15 +354,18 @@ def rollout_stats(batch: TokenBatch, cap: float) -> dict[str, float]:
 
 def sample_log(batch: TokenBatch, tokenizer, n: int) -> list[dict[str, Any]]:
     """The first `n` rollouts as text, split into prompt / teacher prefix / student part."""
+    parts = {"prompt": PROMPT, "teacher_prefix": TEACHER, "student": STUDENT}
     out = []
     for row in range(min(n, len(batch))):
-        tokens, origin = batch.tokens[row], batch.origin[row]
-        keep = batch.attention_mask[row].bool()
-
-        def text(code: int) -> str:
-            return tokenizer.decode(tokens[keep & (origin == code)].tolist())
-
-        out.append({"prompt": text(0), "teacher_prefix": text(1), "student": text(2)})
+        real = batch.attention_mask[row].bool()
+        out.append(
+            {
+                name: tokenizer.decode(
+                    batch.tokens[row][real & (batch.origin[row] == code)].tolist()
+                )
+                for name, code in parts.items()
+            }
+        )
     return out
 
 
@@ -373,14 +376,18 @@ def write_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop records past `last_step` (written after the checkpoint a resume starts from)."""
+    """Drop records past `last_step` (written after the checkpoint a resume starts from),
+    and a last line cut short by a kill."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line and json.loads(line)["step"] <= last_step
-    ]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= last_step:
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
