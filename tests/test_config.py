@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import save_tiny_model
 
 import tropd
 from tropd.cli import main
 from tropd.config import Config, ConfigError, load_config, save_config
 from tropd.tasks import get_task
 from tropd.train import loop
-
-from conftest import save_tiny_model
 
 # --- defaults, YAML, overrides -----------------------------------------------------
 

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[yellow]interrupted; resume with --resume[/]")
         return EXIT_INTERRUPTED
     except ValueError as err:  # ConfigError and the one-line errors of loaders
-        console.print(f"[red]error:[/] {err}", highlight=False)
+        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 
 class ConfigError(ValueError):
@@ -93,6 +93,24 @@ class ObjectiveConfig(_Section):
         default_factory=dict, description="method options, e.g. {beta: 0.001, outlier: fkl}"
     )
 
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str) -> str:
+        from tropd.objectives import list_objectives
+
+        if name not in list_objectives():
+            raise ValueError(f"unknown objective; valid: {', '.join(list_objectives())}")
+        return name
+
+    @field_validator("options")
+    @classmethod
+    def _valid_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from tropd.objectives import get_objective
+
+        if "name" in info.data:  # an unknown name is reported on objective.name
+            get_objective(info.data["name"], **options)
+        return options
+
 
 class OptimConfig(_Section):
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
@@ -125,16 +143,6 @@ class Config(_Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-
-    @model_validator(mode="after")
-    def _check_objective(self) -> Config:
-        from tropd.objectives import get_objective
-
-        try:
-            get_objective(self.objective.name, **self.objective.options)
-        except ValueError as err:
-            raise ValueError(f"objective: {err}") from None
-        return self
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

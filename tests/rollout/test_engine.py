@@ -3,6 +3,7 @@ with fake engines where the test needs exact control over what the teacher write
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 
@@ -131,17 +132,6 @@ def aligned_logits(model, batch: TokenBatch) -> torch.Tensor:
     return align_logits(logits.float())
 
 
-def runs(row: torch.Tensor) -> list[tuple[int, int]]:
-    """Run-length encoding of a 1-D tensor: [(value, count), ...]."""
-    out: list[tuple[int, int]] = []
-    for v in row.tolist():
-        if out and out[-1][0] == v:
-            out[-1] = (v, out[-1][1] + 1)
-        else:
-            out.append((v, 1))
-    return out
-
-
 def check_layout(batch: TokenBatch, prompts: list[list[int]], pad: int, max_new: int) -> None:
     """Prompt-major rows; right padding; origin = prompt, teacher, student, padding."""
     n_rows, width = batch.tokens.shape
@@ -184,18 +174,24 @@ def test_guided_batch_layout(tiny: Tiny, guided: Guided) -> None:
     assert batch.teacher_mask.sum(-1).le(guided.cap).all()
 
 
+# Row layouts: prompt, then a teacher prefix and/or a student part, then padding (if any).
+ORIGIN_RUNS = {
+    (PROMPT, TEACHER, STUDENT, PROMPT),
+    (PROMPT, TEACHER, STUDENT),
+    (PROMPT, TEACHER, PROMPT),
+    (PROMPT, TEACHER),
+    (PROMPT, STUDENT, PROMPT),
+    (PROMPT, STUDENT),
+}
+
+
 @pytest.mark.parametrize("kind", ["sampled", "guided"])
 def test_origin_runs_are_prompt_teacher_student_padding(kind: str, request) -> None:
     batch = request.getfixturevalue(kind)
     batch = batch if isinstance(batch, TokenBatch) else batch.batch
     for row in range(len(batch)):
-        values = [v for v, _ in runs(batch.origin[row])]
-        # prompt, then (teacher), then (student), then (padding); nothing else.
-        assert values[0] == PROMPT
-        allowed = ([PROMPT, TEACHER, STUDENT, PROMPT], [PROMPT, TEACHER, PROMPT])
-        allowed += ([PROMPT, TEACHER, STUDENT], [PROMPT, TEACHER], [PROMPT, STUDENT, PROMPT])
-        allowed += ([PROMPT, STUDENT],)
-        assert values in [list(a) for a in allowed]
+        runs = tuple(value for value, _ in itertools.groupby(batch.origin[row].tolist()))
+        assert runs in ORIGIN_RUNS
 
 
 # --- EOS ---------------------------------------------------------------------------
@@ -247,7 +243,9 @@ def test_sampler_logprobs_are_the_students_own_at_temperature_one(
     expected = token_logprobs(aligned_logits(tiny.student, batch), batch.tokens)
     student = batch.student_mask
     assert student.sum() > 20
-    torch.testing.assert_close(batch.sampler_logprobs[student], expected[student], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        batch.sampler_logprobs[student], expected[student], rtol=0, atol=1e-5
+    )
     assert batch.sampler_logprobs[~student].eq(0).all()
 
 
@@ -257,7 +255,9 @@ def test_sampler_logprobs_follow_the_tempered_distribution(tiny: Tiny) -> None:
     tempered = token_logprobs(logits / 0.7, batch.tokens)
     plain = token_logprobs(logits, batch.tokens)
     student = batch.student_mask
-    torch.testing.assert_close(batch.sampler_logprobs[student], tempered[student], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        batch.sampler_logprobs[student], tempered[student], rtol=0, atol=1e-5
+    )
     assert (tempered[student] - plain[student]).abs().max() > 1e-2, "temperature must matter"
     assert batch.sampler_logprobs[~student].eq(0).all()
 
@@ -286,7 +286,9 @@ def test_greedy_picks_the_argmax_and_records_plain_logprobs(tiny: Tiny) -> None:
     student = batch.student_mask
     assert torch.equal(batch.tokens[student], logits.argmax(-1)[student])
     expected = token_logprobs(logits, batch.tokens)
-    torch.testing.assert_close(batch.sampler_logprobs[student], expected[student], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        batch.sampler_logprobs[student], expected[student], rtol=0, atol=1e-5
+    )
     # Greedy rollouts of one prompt are identical.
     for p in range(len(tiny.prompts)):
         rows = batch.tokens[batch.group == p]
@@ -349,7 +351,9 @@ def test_student_continues_from_the_kept_teacher_prefix(tiny: Tiny, guided: Guid
     expected = token_logprobs(aligned_logits(tiny.student, batch), batch.tokens)
     student = batch.student_mask
     assert student.sum() > 20
-    torch.testing.assert_close(batch.sampler_logprobs[student], expected[student], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        batch.sampler_logprobs[student], expected[student], rtol=0, atol=1e-5
+    )
 
 
 def test_uniform_prefixes_stay_below_the_cap(tiny: Tiny) -> None:
@@ -359,8 +363,9 @@ def test_uniform_prefixes_stay_below_the_cap(tiny: Tiny) -> None:
     batch = rollouts(tiny, teacher=teacher, guidance=plan, rng=random.Random(1))
     (_, _, written) = teacher.calls[0]
     kept_lengths = batch.teacher_mask.sum(-1).tolist()
-    for kept, gen in zip(kept_lengths, written, strict=True):
+    for row, (kept, gen) in enumerate(zip(kept_lengths, written, strict=True)):
         assert 0 <= kept <= min(len(gen.tokens), cap)
+        assert batch.tokens[row][batch.teacher_mask[row]].tolist() == gen.tokens[:kept]
     assert len(set(kept_lengths)) > 1, "uniform lengths should vary"
 
 
@@ -418,7 +423,7 @@ def test_prefix_cut_before_the_teachers_eos_is_continued_by_the_student() -> Non
     assert len(student.calls) == len(batch)
     for (context, params), row in zip(student.calls, range(len(batch)), strict=True):
         prompt = PROMPTS[int(batch.group[row])]
-        assert context == prompt + [12, 13]
+        assert context == [*prompt, 12, 13]
         assert params.max_new_tokens == MAX_NEW - 2
         assert batch.tokens[row][batch.teacher_mask[row]].tolist() == [12, 13]
         assert batch.tokens[row][batch.student_mask[row]].tolist() == [9, 10, 11, EOS]
@@ -432,6 +437,9 @@ def test_uniform_draw_of_full_eos_prefix_is_off_policy_only_when_eos_is_kept() -
     kept = batch.teacher_mask.sum(-1)
     n_student = batch.student_mask.sum(-1)
     assert set(kept.tolist()) == {0, 1, 2, 3}
+    for row in range(len(batch)):
+        prefix = batch.tokens[row][batch.teacher_mask[row]].tolist()
+        assert prefix == [12, 13, EOS][: int(kept[row])], "a prefix is the start of the reply"
     assert (n_student[kept == 3] == 0).all()
     assert (n_student[kept < 3] == 4).all()
     assert len(student.calls) == int((kept < 3).sum())

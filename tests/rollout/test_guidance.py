@@ -3,6 +3,7 @@ which rollouts get a teacher prefix."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections import Counter
@@ -39,7 +40,7 @@ def test_cap_follows_the_cosine_at_known_angles(step: int, fraction_of_max: floa
 def test_cap_is_monotone_non_increasing_and_within_bounds(total_steps: int, max_len: int) -> None:
     caps = [prefix_cap(s, total_steps, max_len) for s in range(total_steps)]
     assert all(0.0 <= c <= max_len for c in caps)
-    assert all(later <= earlier for earlier, later in zip(caps, caps[1:], strict=False))
+    assert all(later <= earlier for earlier, later in itertools.pairwise(caps))
     assert caps[0] > caps[-1]
 
 

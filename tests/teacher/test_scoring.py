@@ -130,7 +130,9 @@ def test_chunk_size_does_not_change_the_result(teacher, batch: TokenBatch) -> No
     for other in results[1:]:
         assert torch.equal(first.teacher_topk_ids, other.teacher_topk_ids)
         for name in ("teacher_logprobs", "teacher_topk_logprobs", "teacher_entropy"):
-            torch.testing.assert_close(getattr(first, name), getattr(other, name), rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                getattr(first, name), getattr(other, name), rtol=0, atol=1e-6
+            )
 
 
 def test_padding_does_not_leak_into_scores(teacher, batch: TokenBatch) -> None:
@@ -228,9 +230,7 @@ def test_no_vocab_wide_tensor_has_more_rows_than_the_chunk(allocations, memory_b
         assert chunk * 8 <= positions, "the batch must be much larger than a chunk"
 
 
-def test_peak_memory_grows_with_chunk_times_vocab_not_positions(
-    allocations, memory_batch
-) -> None:
+def test_peak_memory_grows_with_chunk_times_vocab_not_positions(allocations, memory_batch) -> None:
     positions = int(memory_batch.response_mask.sum())
     fp32 = 4
     small, large, wider_chunk = (

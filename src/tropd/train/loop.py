@@ -236,8 +236,8 @@ def prepare_run_dir(config: Config, resume: bool) -> Path:
 
 def check_models(config: Config) -> None:
     """Checks that need the models' configs (not their weights)."""
-    vocab_student = read_vocab_size(config.model.student)
-    vocab_teacher = read_vocab_size(config.model.teacher)
+    vocab_student = _vocab_size(config.model.student, "model.student")
+    vocab_teacher = _vocab_size(config.model.teacher, "model.teacher")
     if vocab_student != vocab_teacher:
         raise ConfigError(
             f"model.teacher: vocabulary size {vocab_teacher} differs from model.student's "
@@ -248,6 +248,14 @@ def check_models(config: Config) -> None:
             f"teacher.top_k: {config.teacher.top_k} exceeds the vocabulary size {vocab_teacher}; "
             f"set teacher.top_k <= {vocab_teacher}"
         )
+
+
+def _vocab_size(name: str, key: str) -> int:
+    """`read_vocab_size`, its error naming the config key that holds the model name."""
+    try:
+        return read_vocab_size(name)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def build(config: Config, run_dir: Path) -> Setup:
