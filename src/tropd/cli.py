@@ -1,4 +1,5 @@
-"""Command line: `tropd train`, `tropd objectives`, `tropd config`, `tropd --version`.
+"""Command line: `tropd train`, `tropd eval`, `tropd prune`, `tropd objectives`,
+`tropd config`, `tropd --version`.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config, 130 interrupted.
 """
@@ -6,6 +7,7 @@ Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config, 130 interru
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
@@ -25,6 +27,44 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. optim.lr=1e-4")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument(
+        "--nproc", type=int, default=1, help="processes on this machine (runs torchrun for you)"
+    )
+
+    ev = commands.add_parser("eval", help="sample a model on a task and score it (pass@k)")
+    ev.add_argument("model", help="HF id or dir, gguf:PATH, a run directory or a checkpoint")
+    ev.add_argument("--task", help="task name (default: the run's task, else required)")
+    ev.add_argument("--options", default=None, help="task options as YAML, e.g. '{digits: 2}'")
+    ev.add_argument("--system-prompt", default=None, help="system message before each prompt")
+    ev.add_argument("--samples", type=int, default=1, help="responses per item (n)")
+    ev.add_argument("--k", default="1", help="pass@k values, comma-separated (k <= samples)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ev.add_argument("--top-p", type=float, default=1.0)
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--num-items", type=int, default=100, help="eval-split items")
+    ev.add_argument("--batch-size", type=int, default=16, help="sequences per generate call")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--dtype", default="auto")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--out", default=None, help="folder for results.jsonl and summary.json")
+
+    prune = commands.add_parser("prune", help="save a student made of some teacher layers")
+    prune.add_argument("teacher", help="any model name tropd loads (HF id, dir, gguf:PATH)")
+    prune.add_argument("--layers", required=True, help="layers to keep, e.g. 0,2,4 or 0-7")
+    prune.add_argument("--out", required=True, help="output directory (HF format)")
+    prune.add_argument("--dtype", default="float32", help="dtype of the saved student")
+
+    serve = commands.add_parser("serve-teacher", help="serve a teacher's scores over HTTP")
+    serve.add_argument("model", help="any model name tropd loads (HF id, dir, builtin:...)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--token", default=None, help="required bearer token (default: $TROPD_TEACHER_TOKEN)"
+    )
+    serve.add_argument("--dtype", default="auto")
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--max-top-k", type=int, default=1024, help="largest top_k served")
+    serve.add_argument("--max-body-mb", type=float, default=64, help="largest request body")
 
     commands.add_parser("objectives", help="list the methods and their options")
     commands.add_parser("config", help="print every config key, its default and meaning")
@@ -34,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args, console)
+        if args.command == "eval":
+            return _eval(args, console)
+        if args.command == "prune":
+            return _prune(args, console)
+        if args.command == "serve-teacher":
+            return _serve_teacher(args, console)
         if args.command == "config":
             _config_reference()
         else:
@@ -49,11 +95,95 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace, console: Console) -> int:
     from tropd.config import load_config
-    from tropd.train import train
+    from tropd.train import distributed, train
 
     config = load_config(args.config, args.overrides)
-    run_dir = train(config, resume=args.resume)
-    console.print(f"[green]done:[/] {run_dir}  (metrics.jsonl, samples.jsonl, final/)")
+    if args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: give a number of processes >= 1")
+    if args.nproc > 1:
+        if "WORLD_SIZE" in os.environ:
+            raise ValueError("--nproc starts torchrun itself; leave it out under torchrun")
+        distributed.check_world_size(config, args.nproc)
+        resume = ["--resume"] if args.resume else []
+        return distributed.launch(args.nproc, ["train", args.config, *args.overrides, *resume])
+    try:
+        with distributed.process_group(config) as (rank, world_size):
+            run_dir = train(config, resume=args.resume, rank=rank, world_size=world_size)
+    except distributed.RanksOutOfStep as err:
+        console.print(f"[red]error:[/] {err}", highlight=False)
+        return EXIT_FAIL
+    if rank == 0:
+        console.print(f"[green]done:[/] {run_dir}  (metrics.jsonl, samples.jsonl, final/)")
+    return EXIT_OK
+
+
+def _eval(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    import yaml
+
+    from tropd.evaluation import EvalSettings, evaluate_model, load_eval_model
+    from tropd.tasks import get_task
+
+    try:
+        options = yaml.safe_load(args.options) if args.options else {}
+        ks = tuple(int(k) for k in args.k.split(","))
+    except (yaml.YAMLError, ValueError):
+        raise ValueError("--options must be a YAML mapping and --k integers like 1,4") from None
+    if not isinstance(options, dict):
+        raise ValueError("--options must be a YAML mapping, e.g. '{path: data.jsonl}'")
+    model, tokenizer, run_config = load_eval_model(args.model, args.dtype, args.device)
+    name, system_prompt = args.task, args.system_prompt
+    if name is None:
+        if run_config is None:
+            raise ValueError("--task is required unless MODEL is a run directory or checkpoint")
+        name, options = run_config.task.name, {**run_config.task.options, **options}
+        system_prompt = system_prompt or run_config.task.system_prompt
+    settings = EvalSettings(
+        samples=args.samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        num_items=args.num_items,
+        ks=ks,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        system_prompt=system_prompt,
+    )
+    summary = evaluate_model(model, tokenizer, get_task(name, **options), settings, args.out)
+    shown = {k: v for k, v in summary.items() if k != "settings"}
+    Console().print_json(json.dumps(shown))
+    if args.out:
+        console.print(f"[green]done:[/] {args.out}  (results.jsonl, summary.json)")
+    return EXIT_OK
+
+
+def _prune(args: argparse.Namespace, console: Console) -> int:
+    from tropd.compress import parse_layers, prune_to_dir
+
+    out = prune_to_dir(args.teacher, parse_layers(args.layers), args.out, args.dtype)
+    console.print(f"[green]done:[/] {out}")
+    return EXIT_OK
+
+
+def _serve_teacher(args: argparse.Namespace, console: Console) -> int:
+    from dataclasses import replace
+
+    from tropd.teacher.remote import TOKEN_ENV
+
+    try:
+        from tropd.teacher.server import Limits, serve
+    except ImportError:
+        raise ValueError(
+            "serve-teacher needs the serve extra: pip install 'tropd[serve]'"
+        ) from None
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    limits = replace(
+        Limits(), max_top_k=args.max_top_k, max_body_bytes=int(args.max_body_mb * 2**20)
+    )
+    console.print(f"serving {args.model} on http://{args.host}:{args.port} (Ctrl-C stops)")
+    serve(args.model, args.host, args.port, token, args.dtype, args.device, limits)
     return EXIT_OK
 
 

@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -36,7 +45,9 @@ class RunConfig(_Section):
 class ModelConfig(_Section):
     student: str = Field(
         "builtin:add:student",
-        description="HF id, local directory, or builtin:<task>:<role> (trained and cached)",
+        description="HF id, local directory, builtin:<task>:<role> (trained and cached), "
+        "gguf:PATH or *.gguf (gguf:DIST: the GGUF file a package ships), "
+        "prune:<teacher>:<layers> (teacher layers kept, e.g. 0-3,8)",
     )
     teacher: str = Field("builtin:add:teacher", description="same forms as model.student")
     tokenizer: str | None = Field(None, description="tokenizer to use (default: the student's)")
@@ -47,9 +58,14 @@ class ModelConfig(_Section):
 
 
 class TaskConfig(_Section):
-    name: str = Field("add", description="a built-in task: add, copy, reverse")
+    name: str = Field(
+        "add",
+        description="add, copy, reverse; file, jsonl:PATH, parquet:PATH, csv:PATH, hf:PATH; "
+        "reasoning_gym:NAME[,NAME...]; humaneval",
+    )
     options: dict[str, Any] = Field(
-        default_factory=dict, description="task constructor options, e.g. {digits: 3}"
+        default_factory=dict,
+        description="task options, e.g. {digits: 3} or {path: x.jsonl, verifier: math}",
     )
     system_prompt: str | None = Field(
         None, description="system message rendered before each prompt (chat template)"
@@ -62,6 +78,12 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(16, gt=0, description="L_0: response budget (prefix included)")
     temperature: float = Field(1.0, gt=0, description="student sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="student nucleus sampling")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="student sampler: hf (generate) or vllm (extra vllm, CUDA)"
+    )
+    vllm_memory: float = Field(
+        0.3, gt=0, lt=1, description="engine vllm: share of GPU memory vLLM may take"
+    )
 
 
 class GuidanceConfig(_Section):
@@ -84,6 +106,21 @@ class TeacherConfig(_Section):
     top_k: int = Field(64, gt=0, description="k of the teacher's top-k log-probs (paper: 64)")
     chunk_size: int = Field(
         1024, gt=0, description="positions per chunk when scoring (bounds [chunk, V] memory)"
+    )
+    url: str | None = Field(
+        None,
+        description="teacher server (tropd serve-teacher, or OpenAI-compatible with teacher.api); "
+        "null: load model.teacher in this process",
+    )
+    api: Literal["tropd", "openai"] = Field(
+        "tropd", description="protocol of teacher.url: tropd serve-teacher, or openai (vLLM)"
+    )
+    token: SecretStr | None = Field(
+        None, description="bearer token for teacher.url (default: $TROPD_TEACHER_TOKEN)"
+    )
+    timeout_s: float = Field(300.0, gt=0, description="seconds one teacher request may take")
+    retries: int = Field(
+        5, ge=0, description="retries of a failed teacher request (backoff 1 s, 2 s, 4 s, ...)"
     )
 
 
@@ -126,11 +163,41 @@ class OptimConfig(_Section):
     )
 
 
+class DistributedConfig(_Section):
+    strategy: Literal["ddp", "fsdp2"] = Field(
+        "ddp",
+        description="multi-process training (torchrun, --nproc): ddp replicates the student, "
+        "fsdp2 shards it per decoder layer",
+    )
+    mixed_precision: bool = Field(
+        False, description="fsdp2: bfloat16 compute and all-gathers, float32 gradient reduction"
+    )
+    timeout_s: int = Field(
+        600, gt=0, description="seconds a process waits for the others before the run fails"
+    )
+
+    @model_validator(mode="after")
+    def _mixed_precision_needs_fsdp2(self) -> DistributedConfig:
+        if self.mixed_precision and self.strategy != "fsdp2":
+            raise ValueError("mixed_precision needs strategy fsdp2 (DDP computes in model.dtype)")
+        return self
+
+
 class EvalConfig(_Section):
     every: int = Field(10, ge=0, description="evaluate every N steps and at step 0 (0: off)")
     num_prompts: int = Field(64, gt=0, description="held-out prompts (eval split)")
     temperature: float = Field(0.0, ge=0, description="sampling for accuracy (0: greedy)")
     max_new_tokens: int | None = Field(None, gt=0, description="default: rollout.max_new_tokens")
+
+
+class LoraConfig(_Section):
+    enabled: bool = Field(False, description="train LoRA adapters on the student (needs peft)")
+    rank: int = Field(16, gt=0, description="adapter rank r")
+    alpha: float = Field(32.0, gt=0, description="adapter scale alpha (update = alpha/r * B A)")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="module-name suffixes, e.g. [q_proj, v_proj], or all-linear"
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
 
 
 class Config(_Section):
@@ -143,6 +210,8 @@ class Config(_Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

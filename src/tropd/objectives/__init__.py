@@ -15,13 +15,14 @@ from typing import Any
 import torch
 
 from tropd.batch import TokenBatch
-from tropd.objectives import methods
+from tropd.objectives import baselines, methods
 from tropd.objectives.estimators import agg_denominator, aggregate, entropy, k1_reward
 from tropd.objectives.routers import TRUST_GATES
 
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_sum")
 OUTLIERS = ("fkl", "mask", "clip")
 DEFAULT_TAU = -1.3862943611198906  # log(0.2 / 0.8), REOPOLD's lambda = 0.2
+DIAGNOSTIC_CHUNK = 1024  # positions per chunk for the entropy diagnostic
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class Method:
     trains_prefix: bool = False  # whether teacher-prefix tokens are trained (and counted)
     needs_reward: bool = False  # whether the loop must fill `batch.reward` with the verifier
     choices: dict[str, tuple] = field(default_factory=dict)
+    trains_student: bool = True  # whether student tokens are trained (and counted)
+    rollout: str = "student"  # "blend": rollouts come from `tropd.rollout.blend.BlendEngine`
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = field(default_factory=dict)
 
 
 _COMMON = {"loss_agg": "token_mean"}
@@ -99,6 +103,112 @@ REGISTRY: dict[str, Method] = {
         _TROPD_PAPER,
         choices={"loss_agg": LOSS_AGGS},
     ),
+    "entropy_opd": Method(
+        baselines.entropy_opd,
+        {"rho": 0.2, "kl_coef": 1.0, "ppo_clip": None, **_COMMON},
+        "OPD only on the top ρ of student tokens by student entropy",
+        _TROPD_PAPER + " (Entropy-OPD baseline)",
+        choices={"loss_agg": LOSS_AGGS},
+    ),
+    "eopd": Method(
+        baselines.eopd,
+        {
+            "ppo_clip": 0.2,
+            "entropy_threshold": 0.8,
+            "top_k": 16,
+            "fkl_coef": 1.0,
+            "logprob_floor": -30.0,
+            **_COMMON,
+        },
+        "PPO-clipped OPD + top-k FKL where the teacher's entropy > τ",
+        "EOPD, arXiv 2603.07079",
+        choices={"loss_agg": LOSS_AGGS},
+    ),
+    "reopold": Method(
+        baselines.reopold,
+        {
+            "clip_lambda": 0.2,
+            "selection": "entropy",
+            "entropy_keep": 0.2,
+            "switch_step": 100,
+            "ppo_clip": None,
+            **_COMMON,
+        },
+        "OPD with reward max(r_t, log(λ/(1−λ))) on the top-β by student entropy",
+        "REOPOLD, Ko et al. 2026, arXiv 2603.11137",
+        choices={"selection": ("entropy", "reward", "two_stage"), "loss_agg": LOSS_AGGS},
+    ),
+    "jsd_topk": Method(
+        baselines.jsd_topk,
+        {"beta": 0.5, **_COMMON},
+        "β·Σ_top-k π_T log(π_T/M) + (1−β)·PG of log(π_S/M), M = βπ_T + (1−β)π_S",
+        _TROPD_PAPER + " (JSD baseline)",
+        choices={"loss_agg": LOSS_AGGS},
+        checks={"beta": (lambda v: 0 < v < 1, "must be in (0, 1)")},
+    ),
+    "gkd": Method(
+        baselines.gkd,
+        {"beta": 0.5, "logprob_floor": -30.0, "chunk_size": 1024, **_COMMON},
+        "generalized JSD(β) over the vocabulary (top-k + remainder bucket) at every response token",
+        "GKD, Agarwal et al., arXiv 2306.13649",
+        trains_prefix=True,
+        choices={"loss_agg": LOSS_AGGS},
+    ),
+    "seqkd": Method(
+        baselines.seqkd,
+        dict(_COMMON),
+        "−lpS on teacher-written tokens (SFT on teacher responses)",
+        "SeqKD, Kim & Rush 2016 (SPEC §3: SFT / SeqKD, off-policy distillation)",
+        guidance=True,
+        trains_prefix=True,
+        trains_student=False,
+        choices={"loss_agg": LOSS_AGGS},
+    ),
+    "top_d": Method(
+        baselines.top_d,
+        {"alpha": 0.1, "ppo_clip": 0.2, **_COMMON},
+        "reward log(α·e^r + 1 − α), length-normalised return, group z-score, PPO clip",
+        "TOP-D, arXiv 2607.04751",
+        choices={"loss_agg": LOSS_AGGS},
+    ),
+    "trb": Method(
+        baselines.trb,
+        {"kl_budget": 0.1, "warmup_steps": 50, "kl_coef": 1.0, "ppo_clip": None, **_COMMON},
+        "reverse-KL OPD on rollouts from π_S^(1−b)·π_T^b, KL(μ‖π_S) ≤ ε_k annealed to 0",
+        "TRB, Plyusov et al. 2026, arXiv 2605.31159",
+        rollout="blend",
+        choices={"loss_agg": LOSS_AGGS},
+    ),
+    "ta_opd": Method(
+        baselines.ta_opd,
+        {
+            "rho": 0.2,
+            "student_top_k": 16,
+            "kl_coef": 1.0,
+            "ppo_clip": None,
+            "logprob_floor": -30.0,
+            **_COMMON,
+        },
+        "OPD only on the top ρ by quantile(D_t)·quantile(C_t) (teachability)",
+        "TA-OPD, arXiv 2605.26844",
+        choices={"loss_agg": LOSS_AGGS},
+    ),
+    "grpo": Method(
+        baselines.grpo,
+        {"ppo_clip": 0.2, "scale_rewards": True, **_COMMON},
+        "−ratio·A, A = group-normalised verifier reward (no teacher)",
+        "GRPO (Shao et al. 2024), the RL baseline of Thinking Machines' OPD post",
+        needs_reward=True,
+        choices={"loss_agg": LOSS_AGGS},
+    ),
+    "opd_task": Method(
+        baselines.opd_task,
+        {"kl_coef": 1.0, "gamma": 0.0, "ppo_clip": None, **_COMMON},
+        "OPD with advantage A_task + kl_coef·r_t (A_task: group-normalised verifier reward)",
+        "Thinking Machines, On-Policy Distillation (2025)",
+        needs_reward=True,
+        choices={"loss_agg": LOSS_AGGS},
+    ),
 }
 
 
@@ -125,7 +235,10 @@ class Objective:
 
     def trained_mask(self, batch: TokenBatch) -> torch.Tensor:
         """`[B, T]` bool: the tokens this method's aggregation counts."""
-        return batch.response_mask if self.method.trains_prefix else batch.student_mask
+        method = self.method
+        return (batch.student_mask & method.trains_student) | (
+            batch.teacher_mask & method.trains_prefix
+        )
 
     def denominator(self, batch: TokenBatch) -> float:
         return agg_denominator(self.trained_mask(batch), self.options["loss_agg"])
@@ -137,14 +250,20 @@ class Objective:
         *,
         denominator: float | None = None,
         generator: torch.Generator | None = None,
+        step: int | None = None,
     ) -> ObjectiveOutput:
         """`denominator`: the global token/sequence count when `batch` is one micro-batch of
         a larger batch (sum the micro-batch losses to get the global loss).
-        `generator`: source of randomness for the hard trust gate."""
-        token_loss, trained, parts = self.method.fn(student_logits, batch, self.options, generator)
+        `generator`: source of randomness for the hard trust gate.
+        `step`: the 1-based optimizer step, for methods whose rule changes over training
+        (REOPOLD's two-stage selection); None when unknown."""
+        token_loss, trained, parts = self.method.fn(
+            student_logits, batch, self.options, generator, step
+        )
         loss = aggregate(token_loss, trained, self.options["loss_agg"], denominator)
         metrics = {name: _masked_mean(v, m) for name, (v, m) in parts.items()}
-        metrics.update(_diagnostics(student_logits, batch))
+        chunk = self.options.get("chunk_size", DIAGNOSTIC_CHUNK)
+        metrics.update(_diagnostics(student_logits, batch, chunk))
         return ObjectiveOutput(loss=loss, token_loss=token_loss, metrics=metrics)
 
 
@@ -156,12 +275,13 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _diagnostics(student_logits: torch.Tensor, batch: TokenBatch) -> dict[str, float]:
-    """SPEC §2.7 metrics every method can report from the batch alone."""
+def _diagnostics(
+    student_logits: torch.Tensor, batch: TokenBatch, chunk_size: int
+) -> dict[str, float]:
+    """SPEC §2.7 metrics every method can report from the batch alone. The entropy is taken
+    `chunk_size` positions at a time (no `[B * T, V]` fp32 temporary)."""
     student = batch.student_mask
-    out = {
-        "student_entropy": float(entropy(student_logits[student]).mean()) if student.any() else 0.0
-    }
+    out = {"student_entropy": _masked_mean(entropy(student_logits, chunk_size), student)}
     if batch.teacher_logprobs is not None and batch.sampler_logprobs is not None:
         reward = k1_reward(batch.teacher_logprobs.float(), batch.sampler_logprobs.float())
         out["reward_mean"] = _masked_mean(reward, student)
@@ -207,10 +327,31 @@ def _validate(name: str, method: Method, opt: dict[str, Any]) -> None:
         "gamma": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
         "kl_coef": (lambda v: v > 0, "must be positive"),
         "tau": (lambda v: v <= 0, "must be <= 0 (a log-ratio threshold)"),
+        "rho": (lambda v: 0 < v <= 1, "must be in (0, 1] (a fraction of tokens)"),
+        "entropy_keep": (lambda v: 0 < v <= 1, "must be in (0, 1] (a fraction of tokens)"),
+        "entropy_threshold": (lambda v: v >= 0, "must be >= 0 (nats)"),
+        "fkl_coef": (lambda v: v >= 0, "must be >= 0"),
+        "top_k": (lambda v: v is None or _integer(v, 1), "must be null (all) or an integer >= 1"),
+        "clip_lambda": (
+            lambda v: 0 < v <= 0.5,
+            "must be in (0, 0.5] (so the clip log(λ/(1−λ)) is <= 0)",
+        ),
+        "switch_step": (lambda v: _integer(v, 0), "must be an integer >= 0 (a step)"),
+        "chunk_size": (lambda v: _integer(v, 1), "must be an integer >= 1 (positions per chunk)"),
+        "alpha": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+        "kl_budget": (lambda v: v >= 0, "must be >= 0 (nats per token)"),
+        "warmup_steps": (lambda v: _integer(v, 1), "must be an integer >= 1 (steps)"),
+        "student_top_k": (lambda v: _integer(v, 1), "must be an integer >= 1"),
+        "scale_rewards": (lambda v: isinstance(v, bool), "must be true or false"),
     }
+    checks.update(method.checks)
     for key, (ok, why) in checks.items():
         if key in opt and not _check(ok, opt[key]):
             raise ValueError(f"{name}.{key}={opt[key]!r} {why}")
+
+
+def _integer(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def _check(ok: Callable[[Any], bool], value: Any) -> bool:

@@ -1,6 +1,6 @@
 """The distillation methods of SPEC.md, each a short rule over the shared estimators.
 
-A method function takes `(student_logits [B, T, V], batch, options, generator)` and
+A method function takes `(student_logits [B, T, V], batch, options, generator, step)` and
 returns `(token_loss [B, T], trained_mask [B, T] bool, metrics)`, where `metrics` maps
 names to `(values [B, T], mask [B, T])` pairs that the registry averages.
 """
@@ -30,7 +30,7 @@ def _student_reward(batch: TokenBatch) -> torch.Tensor:
     return torch.where(batch.student_mask, reward, 0.0)
 
 
-def opd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator) -> MethodResult:
+def opd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step) -> MethodResult:
     """OPD (SPEC §1): `-exp(lpS - lq) * kl_coef * r_t` on student tokens."""
     student = batch.student_mask
     lp_student = token_logprobs(student_logits, batch.tokens)
@@ -41,7 +41,7 @@ def opd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator) -> Me
     return torch.where(student, token_loss, 0.0), student, {}
 
 
-def tropd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator) -> MethodResult:
+def tropd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step) -> MethodResult:
     """TrOPD (SPEC §2): trust-region OPD, an outlier estimator, guidance on teacher tokens.
 
     Student tokens: `w * PG(r) + (1 - w) * outlier`, `w` from the trust gate.
@@ -82,7 +82,9 @@ def tropd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator) -> 
     return token_loss, student | teacher, metrics
 
 
-def topk_fkl(student_logits, batch: TokenBatch, opt: dict[str, Any], generator) -> MethodResult:
+def topk_fkl(
+    student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step
+) -> MethodResult:
     """Standalone top-k forward KL on every student token (the paper's negative control)."""
     student = batch.student_mask
     kl, floor_hits = topk_forward_kl(

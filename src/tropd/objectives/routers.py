@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 TRUST_GATES = ("hard", "soft", "threshold")
@@ -37,3 +39,30 @@ def trust_weight(
         return probability
     uniform = torch.rand(probability.shape, generator=generator, device="cpu")
     return (uniform.to(probability.device) < probability).to(reward.dtype)
+
+
+def top_fraction(scores: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
+    """`[B, T]` bool: the `ceil(fraction * n)` tokens of `mask` with the largest `scores`.
+
+    `n` is the number of tokens in `mask` (in this call: a micro-batch selects among its
+    own tokens). Ties are broken by position, earlier first, so the choice is exact and
+    reproducible. `fraction` in (0, 1]; 1 keeps every masked token.
+    """
+    count = int(mask.sum())
+    keep = math.ceil(round(fraction * count, 9))
+    flat = torch.where(mask, scores.detach(), float("-inf")).flatten()
+    order = torch.sort(flat, descending=True, stable=True).indices[:keep]
+    selected = torch.zeros_like(flat, dtype=torch.bool)
+    selected[order] = True
+    return selected.view(mask.shape) & mask
+
+
+def quantile_normalize(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Empirical CDF of each token's value among the `mask` tokens: the fraction of masked
+    values `<=` it, in (0, 1]; equal values get equal quantiles. `[B, T]`, 0 off the mask."""
+    values = values.detach()
+    reference = torch.sort(values[mask]).values
+    if reference.numel() == 0:
+        return torch.zeros_like(values)
+    below = torch.searchsorted(reference, values.contiguous(), right=True)
+    return torch.where(mask, below.to(values.dtype) / reference.numel(), 0.0)

@@ -47,8 +47,13 @@ class HFEngine:
     def generate(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
     ) -> list[Generation]:
+        synced = _sharded(self.model)
         if not prompts:
-            return []
+            if not synced:
+                return []
+            # Each forward of a sharded model is a collective, so a rank with nothing to
+            # generate still joins in, with one short dummy generation.
+            return self.generate([[self.pad_token_id]], SamplingParams(1))[:0]
         per_row = params if isinstance(params, list) else [params] * len(prompts)
         budget = max(p.max_new_tokens for p in per_row)
         first = per_row[0]
@@ -72,6 +77,7 @@ class HFEngine:
             do_sample=sample,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,
+            synced_gpus=synced,  # ranks of a sharded model step together until all finish
             output_scores=True,
             return_dict_in_generate=True,
             **extra,
@@ -96,3 +102,13 @@ class HFEngine:
                 Generation(row[:stop], logprobs[i, :stop].tolist(), self.eos_token_id in row[:stop])
             )
         return results
+
+
+def _sharded(model) -> bool:
+    """Whether `model` is sharded over processes (FSDP2), so that all ranks must run each
+    of its forward passes together."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)

@@ -26,8 +26,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from tropd.models import tiny_llama_config
-from tropd.tasks import Item, Task, get_task
-from tropd.tasks.builtin import task_options
+from tropd.tasks import Item, SFTTask
+from tropd.tasks.builtin import get_task, task_options
 from tropd.tasks.tokenizer import build_char_tokenizer
 
 IGNORE_INDEX = -100  # label value the HF loss skips
@@ -93,7 +93,7 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
 
 def _sft_batch(
     tokenizer: PreTrainedTokenizerBase,
-    task: Task,
+    task: SFTTask,
     items: list[Item],
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,7 +124,7 @@ def _sft_batch(
 def sft_train(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    task: Task,
+    task: SFTTask,
     steps: int,
     batch_size: int,
     lr: float,
@@ -178,7 +178,7 @@ def sft_train(
 def response_nll(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    task: Task,
+    task: SFTTask,
     items: list[Item],
     batch_size: int = 64,
 ) -> float:
@@ -205,7 +205,7 @@ def response_nll(
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    task: Task,
+    task: SFTTask,
     n: int,
     seed: int,
     greedy: bool = True,
@@ -257,7 +257,7 @@ def evaluate(
 def accuracy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    task: Task,
+    task: SFTTask,
     n: int,
     seed: int,
     greedy: bool = True,
@@ -266,7 +266,7 @@ def accuracy(
     return evaluate(model, tokenizer, task, n, seed, greedy=greedy)["accuracy"]
 
 
-def _cache_key(task: Task, recipe: BuiltinRecipe) -> str:
+def _cache_key(task: SFTTask, recipe: BuiltinRecipe) -> str:
     spec = {
         "format": RECIPE_FORMAT,
         "task": task.name,
@@ -276,9 +276,10 @@ def _cache_key(task: Task, recipe: BuiltinRecipe) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _build(task: Task, role: str, recipe: BuiltinRecipe, out_dir: Path, console: Console) -> None:
-    """Train the `role` model for `task` with `recipe` and save it into `out_dir`."""
-    torch.manual_seed(recipe.seed)
+def _build(
+    task: SFTTask, role: str, recipe: BuiltinRecipe, out_dir: Path, console: Console
+) -> None:
+    """Train the `role` model for `task` with `recipe` on the CPU and save it into `out_dir`."""
     tokenizer = build_char_tokenizer(task.alphabet)
     config = tiny_llama_config(
         vocab_size=len(tokenizer),
@@ -289,7 +290,11 @@ def _build(task: Task, role: str, recipe: BuiltinRecipe, out_dir: Path, console:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    model = AutoModelForCausalLM.from_config(config)
+    # A private RNG stream: building on first use must not shift the caller's seeds,
+    # or a run would differ depending on whether the model was already cached.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        model = AutoModelForCausalLM.from_config(config)
     started = time.perf_counter()
     with Progress(
         TextColumn(f"[bold]{task.name} {role}[/bold] SFT"),
@@ -359,11 +364,13 @@ def prepare_builtin(task_name: str, role: str, cache_dir: Path | None = None) ->
     build_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=cache_dir))
     try:
         _build(task, role, recipe, build_dir, console)
-        os.replace(build_dir, final_dir)
-    except OSError:
-        # A concurrent build finished first: keep its directory, drop ours.
-        if not (final_dir / "recipe.json").is_file():
-            raise
+        build_dir.chmod(0o755)  # mkdtemp makes it private; a cache may be shared
+        try:
+            os.replace(build_dir, final_dir)
+        except OSError:
+            # A concurrent build finished first: keep its directory, drop ours.
+            if not (final_dir / "recipe.json").is_file():
+                raise
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)
     return final_dir

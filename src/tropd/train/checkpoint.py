@@ -26,12 +26,7 @@ def save_checkpoint(
 
     Keeps the newest `keep` checkpoints. Returns the checkpoint folder.
     """
-    root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:07d}"
-    tmp = root / f".tmp_{PREFIX}{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_dir(run_dir, step)
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(
         {
@@ -42,6 +37,24 @@ def save_checkpoint(
         },
         tmp / "trainer.pt",
     )
+    return publish(tmp, run_dir, step, state, keep)
+
+
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """A fresh, empty temporary folder for the checkpoint of `step`."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp_{PREFIX}{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def publish(tmp: Path, run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write `state` (JSON) into the staged folder `tmp`, flush it to disk and rename it into
+    place as the checkpoint of `step`; keep the newest `keep`. Returns the checkpoint folder."""
+    root = checkpoint_dir(run_dir)
+    final = root / f"{PREFIX}{step:07d}"
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
     _fsync_dir(tmp)
     if final.exists():

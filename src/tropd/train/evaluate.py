@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tropd.batch import TokenBatch
+from tropd.evaluation import score_responses
 from tropd.rollout import Engine, SamplingParams, collect_rollouts
 from tropd.teacher import final_hidden_states, head_logits
 
@@ -42,17 +43,20 @@ def evaluate(
 ) -> dict[str, float]:
     """`eval/accuracy`: the task's verifier on one response per held-out item, sampled at
     `temperature` (0 = greedy). `eval/reverse_kl`: exact per-token reverse KL along
-    temperature-1 student samples of the same prompts."""
+    temperature-1 student samples of the same prompts; left out when `teacher` is None (a
+    teacher server gives no full distributions)."""
     pad = tokenizer.pad_token_id
     answers = engine.generate(prompts, SamplingParams(max_new_tokens, temperature, 1.0))
-    correct = [
-        task.score(tokenizer.decode(g.tokens, skip_special_tokens=True), item)
-        for g, item in zip(answers, items, strict=True)
-    ]
-    sampled = collect_rollouts(engine, prompts, SamplingParams(max_new_tokens, 1.0, 1.0), 1, pad)
-    device = next(student.parameters()).device
-    return {
+    texts = [tokenizer.decode(g.tokens, skip_special_tokens=True) for g in answers]
+    correct = score_responses(task, items, texts)
+    result = {
         "eval/accuracy": sum(correct) / len(correct),
-        "eval/reverse_kl": reverse_kl(student, teacher, sampled.to(device), chunk_size),
         "eval/response_len": sum(len(g.tokens) for g in answers) / len(answers),
     }
+    if teacher is not None:
+        sampled = collect_rollouts(
+            engine, prompts, SamplingParams(max_new_tokens, 1.0, 1.0), 1, pad
+        )
+        device = next(student.parameters()).device
+        result["eval/reverse_kl"] = reverse_kl(student, teacher, sampled.to(device), chunk_size)
+    return result

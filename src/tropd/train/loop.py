@@ -19,13 +19,16 @@ import torch
 
 from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch, align_logits
 from tropd.config import Config, ConfigError, save_config
-from tropd.models import load_model, load_tokenizer, read_vocab_size
+from tropd.models import load_model, load_tokenizer, read_vocab_size, resolve_model_path
 from tropd.objectives import Objective, get_objective
 from tropd.rollout import GuidancePlan, HFEngine, SamplingParams, collect_rollouts, prefix_cap
+from tropd.rollout.blend import BlendEngine, blend_budget
 from tropd.tasks import get_task
-from tropd.tasks.recipes import prompt_ids
+from tropd.tasks.chat import encode_prompt
 from tropd.teacher import score_batch
-from tropd.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tropd.teacher.remote import RemoteTeacher, connect_teacher
+from tropd.train import distributed
+from tropd.train.checkpoint import list_checkpoints
 from tropd.train.evaluate import evaluate
 from tropd.train.progress import Progress
 
@@ -47,6 +50,8 @@ class Setup:
     train_prompts: list[list[int]]
     eval_items: list
     eval_prompts: list[list[int]]
+    student_ddp: Any = None  # multi-process DDP runs: the wrapper training forwards go through
+    vllm: Any = None  # rollout.engine: vllm, the engine sampling the student (own weights copy)
 
 
 def train(config: Config, resume: bool = False, rank: int = 0, world_size: int = 1) -> Path:
@@ -58,14 +63,20 @@ def train(config: Config, resume: bool = False, rank: int = 0, world_size: int =
     setup = build(config, run_dir)
     start, skipped = 0, 0
     if resume and (checkpoints := list_checkpoints(run_dir)):
-        state = load_checkpoint(checkpoints[-1], setup.student, setup.optimizer, setup.scheduler)
+        state = distributed.load_checkpoint(
+            checkpoints[-1], setup.student, setup.optimizer, setup.scheduler
+        )
         start, skipped = state["step"], state["skipped_steps"]
-    truncate_jsonl(run_dir / "metrics.jsonl", start)
-    truncate_jsonl(run_dir / "samples.jsonl", start)
+    main = rank == 0  # writes the logs; every rank trains
+    if main:
+        truncate_jsonl(run_dir / "metrics.jsonl", start)
+        truncate_jsonl(run_dir / "samples.jsonl", start)
     cfg = config.run
     with Progress(cfg.steps, enabled=cfg.progress and rank == 0, start=start) as progress:
         if start == 0 and config.eval.every:
-            write_jsonl(run_dir / "metrics.jsonl", {"step": 0, **run_eval(setup)})
+            evaluation = run_eval(setup)
+            if main:
+                write_jsonl(run_dir / "metrics.jsonl", {"step": 0, **evaluation})
         for step in range(start + 1, cfg.steps + 1):
             seed_everything(cfg.seed, step, rank)
             record = train_step(setup, step, rank, world_size)
@@ -74,12 +85,13 @@ def train(config: Config, resume: bool = False, rank: int = 0, world_size: int =
             if config.eval.every and (step % config.eval.every == 0 or step == cfg.steps):
                 record.update(run_eval(setup))
             samples = record.pop("samples")
-            write_jsonl(run_dir / "metrics.jsonl", record)
-            for sample in samples:
-                write_jsonl(run_dir / "samples.jsonl", {"step": step, **sample})
+            if main:
+                write_jsonl(run_dir / "metrics.jsonl", record)
+                for sample in samples:
+                    write_jsonl(run_dir / "samples.jsonl", {"step": step, **sample})
             progress.update(step, record)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                save_checkpoint(
+                distributed.save_checkpoint(
                     run_dir,
                     step,
                     setup.student,
@@ -105,36 +117,33 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     prompt_items = prompts_for_step(
         setup.train_items, step, config.rollout.prompts_per_step, rank, world_size
     )
-    batch, cap = rollout(setup, prompts, step)
+    batch, cap = rollout(setup, prompts, step, rank, world_size)
     if setup.objective.needs_reward:
         batch = batch.replace(reward=verify(setup, batch, prompt_items))
-    batch = score_batch(
-        setup.teacher,
-        batch.to(device_of(setup.teacher)),
-        config.teacher.top_k,
-        config.teacher.chunk_size,
-    ).to(device_of(student))
+    batch = score_teacher(setup, batch)
     rollout_s = time.perf_counter() - tic
 
     student.train()
     setup.optimizer.zero_grad(set_to_none=True)
-    denominator = setup.objective.denominator(batch)
-    gate = torch.Generator().manual_seed(config.run.seed * 1_000_003 + step)
+    # Token means are global: divide by the count over all ranks (see train/distributed.py).
+    denominator = distributed.all_reduce_sum(setup.objective.denominator(batch))
+    gate = torch.Generator().manual_seed(config.run.seed * 1_000_003 + step * world_size + rank)
+    forward = setup.student_ddp if setup.student_ddp is not None else student
     size = config.optim.micro_batch_size
     losses, metrics = [], []
     for begin in range(0, len(batch), size):
         micro = batch.select(slice(begin, begin + size)).trim()
         logits = align_logits(
-            student(input_ids=micro.tokens, attention_mask=micro.attention_mask).logits
+            forward(input_ids=micro.tokens, attention_mask=micro.attention_mask).logits
         )
-        out = setup.objective(logits, micro, denominator=denominator, generator=gate)
-        if not torch.isfinite(out.loss):
-            losses.append(out.loss.detach())
-            break
-        out.loss.backward()
+        out = setup.objective(logits, micro, denominator=denominator, generator=gate, step=step)
         losses.append(out.loss.detach())
+        if not torch.isfinite(out.loss) and world_size == 1:
+            break  # the step is skipped; several ranks go on in step and all skip it together
+        # DDP and FSDP2 average gradients over ranks; undo that to get the global sum.
+        (out.loss * world_size).backward()
         metrics.append((len(micro), out.metrics))
-    loss = float(torch.stack(losses).sum())
+    loss = distributed.all_reduce_sum(float(torch.stack(losses).sum()))
     clip = config.optim.grad_clip or math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip))
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -150,8 +159,8 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
         "grad_norm": grad_norm,
         "skipped": skipped,
     }
-    record.update(weighted_mean(metrics))
-    record.update(rollout_stats(batch, cap))
+    stats = {**weighted_mean(metrics), **rollout_stats(batch, cap)}
+    record.update(distributed.mean_over_ranks(stats, len(batch)))
     record["lr"] = setup.scheduler.get_last_lr()[0]
     record["time_rollout_s"] = rollout_s
     record["time_step_s"] = time.perf_counter() - tic
@@ -159,7 +168,9 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     return record
 
 
-def rollout(setup: Setup, prompts: list[list[int]], step: int) -> tuple[TokenBatch, float]:
+def rollout(
+    setup: Setup, prompts: list[list[int]], step: int, rank: int = 0, world_size: int = 1
+) -> tuple[TokenBatch, float]:
     """Sample this step's responses, with teacher prefixes when guidance is on.
     Returns the batch and the prefix cap used (0 without guidance)."""
     config = setup.config
@@ -173,17 +184,44 @@ def rollout(setup: Setup, prompts: list[list[int]], step: int) -> tuple[TokenBat
             prefix_cap(step - 1, config.run.steps, r.max_new_tokens) if cosine else r.max_new_tokens
         )
     plan = GuidancePlan(cap, g.prefix, g.guided_fraction, g.temperature)
+    engine = HFEngine(setup.student, pad, eos)
+    if setup.vllm is not None:  # vLLM samples from its own copy: bring it up to date
+        setup.vllm.push_weights(distributed.full_parameters(setup.student))
+        engine = setup.vllm
+    if setup.objective.method.rollout == "blend":
+        o = setup.objective.options
+        epsilon = blend_budget(step - 1, o["kl_budget"], o["warmup_steps"])
+        engine = BlendEngine(setup.student, setup.teacher, epsilon, pad, eos)
     batch = collect_rollouts(
-        HFEngine(setup.student, pad, eos),
+        engine,
         prompts,
         SamplingParams(r.max_new_tokens, r.temperature, r.top_p),
         r.samples_per_prompt,
         pad,
-        teacher=HFEngine(setup.teacher, pad, eos) if guided else None,
+        teacher=teacher_engine(setup) if guided else None,
         guidance=plan,
-        rng=random.Random(config.run.seed * 7919 + step),
+        rng=random.Random(config.run.seed * 7919 + step * world_size + rank),
     )
     return batch, cap
+
+
+def score_teacher(setup: Setup, batch: TokenBatch) -> TokenBatch:
+    """The teacher's log-prob, top-k and entropy at every response token, from the local
+    model or the teacher server (`teacher.url`)."""
+    t = setup.config.teacher
+    if isinstance(setup.teacher, RemoteTeacher):
+        scored = setup.teacher.score_batch(batch, t.top_k)
+    else:
+        on_teacher = batch.to(device_of(setup.teacher))
+        scored = score_batch(setup.teacher, on_teacher, t.top_k, t.chunk_size)
+    return scored.to(device_of(setup.student))
+
+
+def teacher_engine(setup: Setup):
+    """What writes the teacher prefixes: the teacher server, or `generate` on the model."""
+    if isinstance(setup.teacher, RemoteTeacher):
+        return setup.teacher
+    return HFEngine(setup.teacher, setup.tokenizer.pad_token_id, setup.tokenizer.eos_token_id)
 
 
 def verify(setup: Setup, batch: TokenBatch, items: list) -> torch.Tensor:
@@ -202,11 +240,11 @@ def run_eval(setup: Setup) -> dict[str, float]:
     """Evaluate with a fixed seed (same sampling noise at every evaluation), leaving the
     training RNG untouched."""
     e, tok = setup.config.eval, setup.tokenizer
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), distributed.gathered_root(setup.student):
         torch.manual_seed(setup.config.run.seed)
         return evaluate(
             setup.student,
-            setup.teacher,
+            None if isinstance(setup.teacher, RemoteTeacher) else setup.teacher,
             HFEngine(setup.student, tok.pad_token_id, tok.eos_token_id),
             tok,
             setup.task,
@@ -229,13 +267,17 @@ def prepare_run_dir(config: Config, resume: bool) -> Path:
             f"run.output_dir {str(run_dir)!r} already holds a run; pass --resume to continue it "
             "or choose another run.output_dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    if distributed.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
     return run_dir
 
 
 def check_models(config: Config) -> None:
-    """Checks that need the models' configs (not their weights)."""
+    """Checks that need the models' configs (not their weights). A teacher server is
+    checked against the student's tokenizer when the run connects to it."""
+    if config.teacher.url:
+        return
     vocab_student = _vocab_size(config.model.student, "model.student")
     vocab_teacher = _vocab_size(config.model.teacher, "model.teacher")
     if vocab_student != vocab_teacher:
@@ -263,13 +305,39 @@ def build(config: Config, run_dir: Path) -> Setup:
     task = get_task(config.task.name, **config.task.options)
     m = config.model
     student = load_model(m.student, m.dtype, m.device)
-    teacher = load_model(m.teacher, m.dtype, m.device)
-    teacher.requires_grad_(False).eval()
+    if config.lora.enabled:
+        from tropd.lora import apply_lora
+
+        lora = config.lora
+        apply_lora(student, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
+    student_ddp = distributed.parallelize(student, config.distributed)
     tokenizer = load_tokenizer(m.tokenizer or m.student)
     objective = get_objective(config.objective.name, **config.objective.options)
+    vllm = None
+    if config.rollout.engine == "vllm":
+        if config.lora.enabled:
+            raise ConfigError("rollout.engine: vllm takes no LoRA weights; use hf or no LoRA")
+        from tropd.rollout.vllm_engine import VLLMEngine
+
+        path = resolve_model_path(m.student)
+        memory = config.rollout.vllm_memory
+        vllm = VLLMEngine(path, tokenizer.eos_token_id, memory, m.dtype, config.run.seed)
+    if config.teacher.url:
+        if objective.method.rollout == "blend":
+            raise ConfigError(
+                f"teacher.url: objective {objective.name} samples from the teacher's logits "
+                "during generation, which needs a local teacher; unset teacher.url"
+            )
+        teacher = connect_teacher(config.teacher, m.teacher, tokenizer)
+    else:
+        teacher = load_model(m.teacher, m.dtype, m.device)
+        teacher.requires_grad_(False).eval()
     o = config.optim
     optimizer = torch.optim.AdamW(
-        student.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
+        [p for p in student.parameters() if p.requires_grad],
+        lr=o.lr,
+        betas=o.betas,
+        weight_decay=o.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, o.warmup_steps, config.run.steps, o.schedule)
@@ -280,7 +348,7 @@ def build(config: Config, run_dir: Path) -> Setup:
     eval_items = task.items("eval", config.eval.num_prompts, seed)
 
     def encode(items: list) -> list[list[int]]:
-        return [prompt_ids(tokenizer, item.prompt) for item in items]
+        return [encode_prompt(tokenizer, item, config.task.system_prompt) for item in items]
 
     return Setup(
         config,
@@ -296,6 +364,8 @@ def build(config: Config, run_dir: Path) -> Setup:
         encode(train_items),
         eval_items,
         encode(eval_items),
+        student_ddp,
+        vllm,
     )
 
 
@@ -327,10 +397,19 @@ def device_of(model) -> torch.device:
 
 
 def export_final(setup: Setup) -> None:
-    """Save the student in Hugging Face format (written then renamed)."""
+    """Save the student in Hugging Face format (written then renamed); LoRA adapters are
+    merged into the weights first. With several processes all gather the full weights and
+    rank 0 writes them."""
     final, tmp = setup.run_dir / "final", setup.run_dir / ".tmp_final"
+    if setup.config.lora.enabled:
+        from tropd.lora import merge_lora
+
+        merge_lora(setup.student)
+    weights = distributed.full_state_dict(setup.student)
+    if not distributed.is_main_process():
+        return
     shutil.rmtree(tmp, ignore_errors=True)
-    setup.student.save_pretrained(tmp)
+    setup.student.save_pretrained(tmp, state_dict=weights)
     setup.tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.replace(final)

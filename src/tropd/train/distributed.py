@@ -1,0 +1,273 @@
+"""Multi-process training: one process per device, started by torchrun.
+
+`tropd train --nproc N CONFIG` (or `torchrun --nproc-per-node N -m tropd train CONFIG`)
+runs N copies of the loop. Rank r samples, scores and trains on its share of each step's
+prompts; the student is replicated (DDP) or sharded per decoder layer (FSDP2). The loss
+equals one process's on the whole batch: every rank divides its token sum by the
+all-ranks count (`all_reduce_sum` of the objective's denominator), and multiplies its loss
+by the world size, because DDP and FSDP2 average gradients over ranks (sum / N).
+
+Every function here is the single-process behaviour when no process group is up, so the
+loop calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tropd.config import Config, ConfigError, DistributedConfig
+from tropd.models import resolve_device
+from tropd.train import checkpoint
+
+PEER_LOST = ("timed out", "timeout", "connection closed by peer", "connection reset by peer")
+
+
+class RanksOutOfStep(RuntimeError):
+    """Another process stopped answering; the message is one line naming the fix."""
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that writes logs, metrics and the export."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
+@contextmanager
+def process_group(config: Config) -> Iterator[tuple[int, int]]:
+    """Join the process group torchrun describes in the environment; yields `(rank,
+    world_size)`. Outside torchrun, or with one process, yields `(0, 1)` and starts
+    nothing. NCCL when the model is on a GPU (rank on `cuda:LOCAL_RANK`), else gloo.
+
+    A collective that waits longer than `distributed.timeout_s` (a rank crashed or hung)
+    ends the run with `RanksOutOfStep` instead of a hang."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        yield 0, 1
+        return
+    check_world_size(config, world_size)
+    device = resolve_device(config.model.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout_s = config.distributed.timeout_s
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    rank = dist.get_rank()
+    try:
+        yield rank, world_size
+    except RuntimeError as err:  # gloo and NCCL report lost peers as RuntimeError
+        if not any(sign in str(err).lower() for sign in PEER_LOST):
+            raise
+        raise RanksOutOfStep(
+            f"rank {rank}: another process did not answer within distributed.timeout_s="
+            f"{timeout_s} s (it crashed or hung; its log says which); raise the timeout "
+            "if a step legitimately keeps ranks apart longer"
+        ) from None
+    finally:
+        dist.destroy_process_group()
+
+
+def check_world_size(config: Config, world_size: int) -> None:
+    """Settings that must agree with the number of processes, checked before any model loads."""
+    per_step = config.rollout.prompts_per_step
+    if per_step % world_size:
+        raise ConfigError(
+            f"rollout.prompts_per_step: {per_step} prompts do not split evenly over "
+            f"{world_size} processes; use a multiple of {world_size}"
+        )
+    if config.model.device.startswith("cuda:"):
+        raise ConfigError(
+            f"model.device: {config.model.device} would put every process on one GPU; use "
+            "auto or cuda (each process takes the GPU of its LOCAL_RANK)"
+        )
+
+
+def parallelize(student: torch.nn.Module, settings: DistributedConfig) -> Any:
+    """Prepare the student for multi-process training; call before building the optimizer.
+
+    DDP: returns the `DistributedDataParallel` wrapper that training forwards must go
+    through (generation and evaluation use the student itself). FSDP2: shards each decoder
+    layer, then the root, in place (optionally bf16 compute with fp32 gradient reduction)
+    and returns None. A single process: returns None and changes nothing.
+    """
+    if not is_distributed():
+        return None
+    device = next(student.parameters()).device
+    if settings.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if settings.mixed_precision
+        else MixedPrecisionPolicy()
+    )
+    for layer in decoder_layers(student):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(student, mesh=mesh, mp_policy=policy)
+    return None
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a Hugging Face model: the modules its `_no_split_modules`
+    names (e.g. `LlamaDecoderLayer`), which FSDP2 shards one by one."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} names no decoder layers (_no_split_modules) to shard; "
+            "use distributed.strategy=ddp"
+        )
+    return layers
+
+
+@contextmanager
+def gathered_root(model: torch.nn.Module) -> Iterator[None]:
+    """Inside, an FSDP2 student's root parameters (embeddings, final norm, LM head) are
+    whole, so code may call its submodules directly (`base_model`, the LM head), as the
+    exact-KL evaluation does; the decoder layers gather themselves. Otherwise a no-op."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def all_reduce_sum(value: float) -> float:
+    """Sum of `value` over all processes (the value itself in a single process)."""
+    if not is_distributed():
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(total)
+    return float(total)
+
+
+def mean_over_ranks(values: dict[str, float], weight: float) -> dict[str, float]:
+    """Weighted mean of each metric over all processes, each weighing `weight` (its rows).
+    Every process must pass the same keys."""
+    if not is_distributed():
+        return values
+    keys = sorted(values)
+    packed = torch.tensor(
+        [weight, *(weight * values[k] for k in keys)],
+        dtype=torch.float64,
+        device=_collective_device(),
+    )
+    dist.all_reduce(packed)
+    return {k: float(packed[i + 1] / packed[0]) for i, k in enumerate(keys)}
+
+
+def full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """`(name, whole tensor)` of every parameter, FSDP2 shards gathered (a collective per
+    parameter, so every rank must iterate to the end)."""
+    from torch.distributed.tensor import DTensor
+
+    for name, param in model.named_parameters():
+        yield name, (param.full_tensor() if isinstance(param, DTensor) else param.detach())
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# --- checkpoints and export -----------------------------------------------------------
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int
+) -> Path:
+    """`checkpoint.save_checkpoint` in a single process. With several processes, a sharded
+    checkpoint (torch.distributed.checkpoint): every rank writes its part of the model and
+    optimizer state, rank 0 the scheduler and `state.json`, and renames the folder into
+    place. No RNG state: every step reseeds from `run.seed`."""
+    if not is_distributed():
+        return checkpoint.save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    main = is_main_process()
+    staged = [checkpoint.staging_dir(run_dir, step) if main else None]
+    dist.broadcast_object_list(staged, src=0)  # nobody writes before the folder exists
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=staged[0])
+    published = [None]
+    if main:
+        torch.save({"scheduler": scheduler.state_dict()}, staged[0] / "trainer.pt")
+        published = [checkpoint.publish(staged[0], run_dir, step, state, keep)]
+    dist.broadcast_object_list(published, src=0)  # the checkpoint is in place for everyone
+    return published[0]
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    """Restore a checkpoint of either kind; returns its `state` with `step`. A sharded
+    checkpoint loads onto any number of processes, one included (DCP reshards)."""
+    if not (path / ".metadata").is_file():
+        if is_distributed():
+            raise ConfigError(
+                f"{path} was written by a single-process run; resume it with one process "
+                "(without torchrun or --nproc)"
+            )
+        return checkpoint.load_checkpoint(path, model, optimizer, scheduler)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    saved = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(saved, checkpoint_id=path)
+    set_state_dict(
+        model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"]
+    )
+    scheduler.load_state_dict(torch.load(path / "trainer.pt", weights_only=False)["scheduler"])
+    return json.loads((path / "state.json").read_text())
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor] | None:
+    """The whole student's weights on rank 0's CPU, gathered from every rank (call on all
+    ranks; the others get an empty dict). None in a single process: the model's own."""
+    if not is_distributed():
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+# --- launching ------------------------------------------------------------------------
+
+
+def launch(nproc: int, tropd_args: list[str]) -> int:
+    """Run `tropd <tropd_args>` in `nproc` processes on this machine with torchrun
+    (`torch.distributed.run --standalone`); returns the exit code of the first failed rank."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "tropd", *tropd_args])
+    except ChildFailedError as err:
+        first = min(err.failures)
+        return err.failures[first].exitcode or 1
+    return 0

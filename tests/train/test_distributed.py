@@ -1,0 +1,262 @@
+"""Multi-process training on CPU (2 gloo ranks): equivalence with one process, sharded
+checkpoints that resume exactly, the rank timeout, and the settings checked up front.
+
+Equivalence needs the same global batch whatever the world size, so these runs go through
+`dist_harness.py`, which samples each prompt's rollouts on their own (seeded by step and
+prompt). With that, one process and two ranks see the same tokens, and losses, gradient
+norms and weights agree up to float summation order. Tolerances: metrics 1e-4 relative
+(measured: loss 4e-6, grad_norm 6e-7), weights 5e-5 absolute (measured 4e-6, while
+training moves them by 0.04). A wrong gradient scale or token denominator changes the
+loss or gradient norm by a factor of 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from dist_harness import per_prompt_rollout
+from transformers import AutoModelForCausalLM
+
+from tropd.cli import main as cli_main
+from tropd.config import ConfigError, load_config
+from tropd.train import distributed, loop
+
+HARNESS = Path(__file__).with_name("dist_harness.py")
+SETTINGS = (
+    "run.steps=4",
+    "run.save_every=2",
+    "run.progress=false",
+    "rollout.prompts_per_step=4",
+    "rollout.samples_per_prompt=2",
+    "rollout.max_new_tokens=6",
+    "teacher.top_k=8",
+    "eval.every=2",
+    "eval.num_prompts=8",
+    "optim.lr=1e-2",
+    "optim.micro_batch_size=4",
+    "objective.options={trust_gate: soft}",
+)
+# Metrics that do not depend on how rows are grouped into micro-batches or ranks.
+GLOBAL_KEYS = (
+    "loss",
+    "grad_norm",
+    "skipped",
+    "lr",
+    "prefix_cap",
+    "prefix_len_mean",
+    "response_len",
+    "off_policy_fraction",
+    "eval/accuracy",
+    "eval/reverse_kl",
+    "eval/response_len",
+)
+TIMING = ("time_rollout_s", "time_step_s")
+
+
+def write_config(pair, run_dir: Path, *overrides: str) -> Path:
+    teacher, student = pair
+    config = load_config(
+        None,
+        [
+            f"model.teacher={teacher}",
+            f"model.student={student}",
+            f"run.output_dir={run_dir}",
+            *SETTINGS,
+            *overrides,
+        ],
+    )
+    path = run_dir.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return path
+
+
+def run_ranks(tmp: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` on this machine, with its scratch files kept under `tmp`."""
+    scratch = tmp / "scratch"
+    scratch.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *args,
+    ]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def harness(tmp: Path, config: Path, *flags: str) -> subprocess.CompletedProcess:
+    return run_ranks(tmp, str(HARNESS), str(config), *flags)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(run_dir / "final").state_dict()
+
+
+def assert_same_run(expected: Path, got: Path, keys, rel: float, atol: float) -> None:
+    a, b = read_metrics(expected), read_metrics(got)
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b, strict=True):
+        for key in keys:
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=rel, abs=1e-7), (x["step"], key)
+    weights_a, weights_b = final_weights(expected), final_weights(got)
+    for name, tensor in weights_a.items():
+        torch.testing.assert_close(weights_b[name], tensor, rtol=0, atol=atol, msg=name)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_pair, tmp_path_factory) -> Path:
+    """The reference: one process, the whole global batch, per-prompt rollouts."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    config = load_config(write_config(tiny_pair, run_dir))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "rollout", per_prompt_rollout(loop.rollout))
+        return loop.train(config)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tiny_pair, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("fsdp2")
+    run_dir = tmp / "run"
+    done = harness(tmp, write_config(tiny_pair, run_dir, "distributed.strategy=fsdp2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_ranks_match_one_process(strategy, one_process, fsdp2_run, tiny_pair, tmp_path):
+    if strategy == "fsdp2":
+        run_dir = fsdp2_run
+    else:
+        run_dir = tmp_path / "run"
+        done = harness(
+            tmp_path, write_config(tiny_pair, run_dir, f"distributed.strategy={strategy}")
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(one_process, run_dir, GLOBAL_KEYS, rel=1e-4, atol=5e-5)
+    # Rank 0 alone writes the logs: one record per step, its own samples.
+    assert [m["step"] for m in read_metrics(run_dir)] == [0, 1, 2, 3, 4]
+    samples = (run_dir / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 4 * 2
+    assert (run_dir / "checkpoints" / "step_0000004" / ".metadata").is_file()
+
+
+@pytest.mark.slow
+def test_killed_two_rank_run_resumes_like_the_uninterrupted_run(fsdp2_run, tiny_pair, tmp_path):
+    """SIGKILL both ranks when step 3 starts (after the step-2 checkpoint); resume on two
+    ranks matches the uninterrupted run; resume of the same checkpoint on one process
+    (DCP reshards) matches it up to the world-size tolerance."""
+    killed = tmp_path / "killed"
+    config = write_config(tiny_pair, killed, "distributed.strategy=fsdp2")
+    died = harness(tmp_path, config, "--die-at", "3")
+    assert died.returncode != 0
+    assert [m["step"] for m in read_metrics(killed)] == [0, 1, 2]
+    assert not (killed / "final").exists()
+    single = tmp_path / "single"
+    shutil.copytree(killed, single)
+
+    resumed = harness(tmp_path, config, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = read_metrics(fsdp2_run)
+    keys = set(expected[1]) - set(TIMING)
+    assert_same_run(fsdp2_run, killed, keys, rel=1e-6, atol=1e-6)
+
+    single_config = load_config(config, [f"run.output_dir={single}"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "rollout", per_prompt_rollout(loop.rollout))
+        loop.train(single_config, resume=True)
+    assert_same_run(fsdp2_run, single, GLOBAL_KEYS, rel=1e-4, atol=5e-5)
+
+
+@pytest.mark.slow
+def test_nproc_launches_mixed_precision_fsdp2(tiny_pair, tmp_path, monkeypatch):
+    """`tropd train --nproc 2` runs torchrun itself; bf16 FSDP2 trains with finite losses
+    and exports a float32 student."""
+    run_dir = tmp_path / "run"
+    config = write_config(
+        tiny_pair,
+        run_dir,
+        "run.steps=2",
+        "eval.every=0",
+        "distributed.strategy=fsdp2",
+        "distributed.mixed_precision=true",
+    )
+    (tmp_path / "scratch").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "scratch"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cli_main(["train", str(config), "--nproc", "2"]) == 0
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    assert next(iter(final_weights(run_dir).values())).dtype == torch.float32
+
+
+def test_a_stuck_rank_fails_the_run_within_the_timeout(tiny_pair, tmp_path):
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, time
+            import torch, torch.distributed as dist
+            from tropd.config import load_config
+            from tropd.train.distributed import process_group
+
+            config = load_config(None, ["distributed.timeout_s=2", "rollout.prompts_per_step=2"])
+            with process_group(config) as (rank, world_size):
+                if rank == 1:
+                    time.sleep(60)
+                dist.all_reduce(torch.ones(1))
+            """
+        )
+    )
+    tic = time.monotonic()
+    done = run_ranks(tmp_path, str(script))
+    assert done.returncode != 0
+    assert "did not answer within distributed.timeout_s=2 s" in done.stderr
+    assert time.monotonic() - tic < 45
+
+
+def test_world_size_must_split_the_prompts():
+    config = load_config(None, ["rollout.prompts_per_step=6"])
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        distributed.check_world_size(config, 4)
+    with pytest.raises(ConfigError, match=r"model\.device"):
+        distributed.check_world_size(load_config(None, ["model.device=cuda:1"]), 2)
+
+
+def test_mixed_precision_needs_fsdp2():
+    with pytest.raises(ConfigError, match="distributed: mixed_precision needs strategy fsdp2"):
+        load_config(None, ["distributed.mixed_precision=true"])
+
+
+def test_nproc_under_torchrun_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("run: {steps: 1}\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli_main(["train", str(config), "--nproc", "2"]) == 2
+    assert "leave it out under torchrun" in capsys.readouterr().err
+
+
+def test_single_process_helpers_change_nothing():
+    assert not distributed.is_distributed() and distributed.is_main_process()
+    assert distributed.all_reduce_sum(3.5) == 3.5
+    assert distributed.mean_over_ranks({"a": 1.0}, 4) == {"a": 1.0}
+    assert distributed.full_state_dict(torch.nn.Linear(2, 2)) is None
+    assert distributed.parallelize(torch.nn.Linear(2, 2), load_config().distributed) is None
