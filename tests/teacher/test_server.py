@@ -243,3 +243,44 @@ def test_training_with_the_server_matches_the_local_teacher(server, tiny_pair, t
     weights_b = AutoModelForCausalLM.from_pretrained(remote / "final").state_dict()
     for name, tensor in weights_a.items():
         torch.testing.assert_close(weights_b[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_openai_client_reads_vllm_prompt_logprobs(tiny_pair, rollout_batch, monkeypatch):
+    """The OpenAI-compatible client against answers shaped like vLLM's `prompt_logprobs`
+    (top-k entries plus the actual token with its rank; at most 8, like vLLM's
+    `--max-logprobs`), built from the local teacher."""
+    from tropd.teacher.remote import OpenAITeacher
+
+    teacher = load_model(tiny_pair[0], "float32", "cpu")
+    tokenizer = load_tokenizer(tiny_pair[1])
+
+    def fake_vllm(self, path, payload):
+        if path == "/tokenize":
+            return {"tokens": tokenizer(payload["prompt"], add_special_tokens=False)["input_ids"]}
+        choices = []
+        for index, row in enumerate(payload["prompt"]):
+            logits = teacher(input_ids=torch.tensor([row])).logits[0].float().detach()
+            logprobs = torch.log_softmax(logits, -1)
+            entries = [None]
+            for t in range(1, len(row)):
+                ranked = logprobs[t - 1].argsort(descending=True).tolist()
+                keep = [*ranked[: min(payload["prompt_logprobs"], 8)], row[t]]  # cap 8
+                entries.append(
+                    {
+                        str(i): {"logprob": float(logprobs[t - 1, i]), "rank": ranked.index(i) + 1}
+                        for i in keep
+                    }
+                )
+            choices.append({"index": index, "prompt_logprobs": entries})
+        return {"choices": choices}
+
+    monkeypatch.setattr(OpenAITeacher, "call_json", fake_vllm)
+    remote = OpenAITeacher("http://unused", "teacher", token=None, timeout_s=1, retries=0)
+    remote.check(tokenizer, 8)
+    got = remote.score_batch(rollout_batch, 8)
+    expected = score_batch(teacher, rollout_batch, 8)
+    for name in ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), atol=1e-5, rtol=0)
+    assert (got.teacher_entropy <= expected.teacher_entropy + 1e-5).all()  # a lower bound
+    with pytest.raises(TeacherServerError, match="--max-logprobs 12"):
+        remote.score_batch(rollout_batch, 12)

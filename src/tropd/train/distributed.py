@@ -237,7 +237,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     saved = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(saved, checkpoint_id=path)
+    dcp.load(saved, checkpoint_id=path, no_dist=not is_distributed())
     set_state_dict(
         model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"]
     )
