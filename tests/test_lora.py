@@ -55,7 +55,7 @@ def test_merged_export_reproduces_the_adapted_logits(tmp_path):
 
 
 def test_bad_target_modules_is_a_one_line_error():
-    with pytest.raises(ValueError, match="lora.target_modules"):
+    with pytest.raises(ValueError, match=r"lora\.target_modules"):
         apply_lora(tiny_model(), target_modules=["no_such_proj"])
 
 

@@ -1,5 +1,5 @@
-"""Command line: `tropd train`, `tropd eval`, `tropd prune`, `tropd objectives`,
-`tropd config`, `tropd --version`.
+"""Command line: `tropd train`, `tropd eval`, `tropd prune`, `tropd demo`, `tropd plot`,
+`tropd objectives`, `tropd config`, `tropd --version`.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config, 130 interrupted.
 """
@@ -66,6 +66,21 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-top-k", type=int, default=1024, help="largest top_k served")
     serve.add_argument("--max-body-mb", type=float, default=64, help="largest request body")
 
+    demo = commands.add_parser(
+        "demo", help="the paper's result at CPU scale: OPD vs TrOPD under style mismatch"
+    )
+    demo.add_argument("--quick", action="store_true", help="a short budget (about two minutes)")
+    demo.add_argument("--mismatch", default="strong", choices=("none", "mild", "strong"))
+    demo.add_argument("--methods", default="opd,tropd", help="comma-separated objectives")
+    demo.add_argument("--steps", type=int, default=None, help="override the step budget")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default=None, help="output folder (default runs/demo-<time>)")
+
+    plot = commands.add_parser("plot", help="plot the training curves of runs, overlaid")
+    plot.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
+    plot.add_argument("--out", required=True, help="folder for the PNGs")
+    plot.add_argument("--title", default=None)
+
     commands.add_parser("objectives", help="list the methods and their options")
     commands.add_parser("config", help="print every config key, its default and meaning")
 
@@ -80,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             return _prune(args, console)
         if args.command == "serve-teacher":
             return _serve_teacher(args, console)
+        if args.command == "demo":
+            return _demo(args, console)
+        if args.command == "plot":
+            return _plot(args, console)
         if args.command == "config":
             _config_reference()
         else:
@@ -184,6 +203,35 @@ def _serve_teacher(args: argparse.Namespace, console: Console) -> int:
     )
     console.print(f"serving {args.model} on http://{args.host}:{args.port} (Ctrl-C stops)")
     serve(args.model, args.host, args.port, token, args.dtype, args.device, limits)
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace, console: Console) -> int:
+    import dataclasses
+    import time
+
+    from tropd.demo import FULL, QUICK, run_demo
+    from tropd.objectives import list_objectives
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in list_objectives()]
+    if unknown or not methods:
+        raise ValueError(f"--methods: unknown {unknown}; valid: {', '.join(list_objectives())}")
+    settings = QUICK if args.quick else FULL
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps {args.steps}: give a number of steps >= 1")
+        settings = dataclasses.replace(settings, steps=args.steps)
+    out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_demo(out, mismatch=args.mismatch, methods=methods, seed=args.seed, settings=settings)
+    return EXIT_OK
+
+
+def _plot(args: argparse.Namespace, console: Console) -> int:
+    from tropd.plot import plot_runs
+
+    written = plot_runs(args.runs, args.out, title=args.title)
+    console.print(f"[green]done:[/] {len(written)} PNGs in {args.out}")
     return EXIT_OK
 
 

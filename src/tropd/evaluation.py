@@ -110,8 +110,14 @@ def evaluate_model(
     Returns the summary: `mean` and `ci95` of the per-item mean score, `pass@k`, the
     mean response length in tokens, and timing.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-    from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from tropd.rollout import HFEngine, SamplingParams
     from tropd.tasks.chat import encode_prompt

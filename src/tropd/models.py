@@ -206,9 +206,15 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto") -> 
         teacher, layers = parse_prune(name_or_path)
         return prune_layers(load_model(teacher, dtype, device), layers)
     if (gguf := gguf_path(name_or_path)) is not None:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=resolve_dtype(dtype, torch_device)
-        ).to(torch_device)
+        )
+        # The weights are dequantised already: drop the GGUF marker so the model (and a
+        # student pruned or trained from it) saves as a plain checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        return model.to(torch_device)
     path = resolve_model_path(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, torch_device))

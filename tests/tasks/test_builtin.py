@@ -32,6 +32,14 @@ def test_train_and_eval_are_disjoint(name):
         assert not train & evaluation
 
 
+def test_add_puts_both_operand_orders_in_the_same_split():
+    task = get_task("add", digits=2)
+    train = {item.prompt for item in task.items("train", 5000, 0)}
+    evaluation = {item.prompt for item in task.items("eval", 500, 0)}
+    swapped = {"+".join(reversed(prompt[:-1].split("+"))) + "=" for prompt in evaluation}
+    assert not swapped & train
+
+
 @pytest.mark.parametrize("name", TASKS)
 def test_items_are_deterministic_given_seed(name):
     task = get_task(name)

@@ -156,7 +156,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
     with pytest.raises(ValueError, match="not found"):
         get_task("jsonl:/no/such/file.jsonl")
-    with pytest.raises(ValueError, match="needs task.options.path"):
+    with pytest.raises(ValueError, match=r"needs task\.options\.path"):
         get_task("file")
     with pytest.raises(ValueError, match="unknown field name"):
         get_task(f"jsonl:{path}", fields={"question": "prompt"})

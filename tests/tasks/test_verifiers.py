@@ -70,7 +70,10 @@ ITEM = Item("write add", "", tests=TESTS, meta={"entry_point": "add"})
         ("def add(a, b:\n", "error"),
         ("def add(a, b):\n    while True:\n        pass", "timeout"),
         ("import time\ndef add(a, b):\n    time.sleep(60)", "timeout"),
-        ("def add(a, b):\n    x = []\n    while True:\n        x.append(bytearray(10**7))", "memory"),
+        (
+            "def add(a, b):\n    x = []\n    while True:\n        x.append(bytearray(10**7))",
+            "memory",
+        ),
         ("import sys\nsys.exit(0)\ndef add(a, b):\n    return 0", "failed"),
     ],
 )

@@ -17,7 +17,7 @@ import torch
 from tropd.batch import TokenBatch
 from tropd.objectives import baselines, methods
 from tropd.objectives.estimators import agg_denominator, aggregate, entropy, k1_reward
-from tropd.objectives.routers import TRUST_GATES
+from tropd.objectives.routers import TRUST_GATES, trust_probability
 
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_sum")
 OUTLIERS = ("fkl", "mask", "clip")
@@ -285,6 +285,8 @@ def _diagnostics(
     if batch.teacher_logprobs is not None and batch.sampler_logprobs is not None:
         reward = k1_reward(batch.teacher_logprobs.float(), batch.sampler_logprobs.float())
         out["reward_mean"] = _masked_mean(reward, student)
+        # E[min(1, pi_T/q)]: the trust fraction TrOPD's gate expects, for every method.
+        out["trust_probability"] = _masked_mean(trust_probability(reward), student)
     if batch.teacher_topk_logprobs is not None:
         mass = batch.teacher_topk_logprobs.float().exp().sum(-1)
         out["teacher_topk_mass"] = _masked_mean(mass, student)

@@ -55,14 +55,15 @@ class SFTTask(Task, Protocol):
 
 
 # Imported last: the built-in tasks import `Item` from this module.
-from tropd.tasks.builtin import get_task as get_builtin_task
-from tropd.tasks.builtin import list_tasks
+from tropd.tasks.builtin import get_task as get_builtin_task  # noqa: E402
+from tropd.tasks.builtin import list_tasks  # noqa: E402
 
 
 def get_task(name: str, **options: object) -> Task:
     """Build a task by name with keyword `options`.
 
-    `add`/`copy`/`reverse` are built in (`list_tasks`); `file` (option `path`) or
+    `add`/`copy`/`reverse` are built in (`list_tasks`); `chain` is multi-step arithmetic
+    with a written chain of thought (`tropd.tasks.reasoning`); `file` (option `path`) or
     `jsonl:PATH`, `parquet:PATH`, `csv:PATH`, `hf:PATH` read prompts from disk;
     `reasoning_gym:NAME[,NAME...]` draws from reasoning-gym generators; `humaneval`
     is the HumanEval code benchmark. An unknown name or option is a `ValueError`.
@@ -77,12 +78,16 @@ def get_task(name: str, **options: object) -> Task:
         from tropd.tasks.gym import ReasoningGymTask
 
         return ReasoningGymTask.from_options(name.removeprefix("reasoning_gym:"), **options)
+    if name == "chain":
+        from tropd.tasks.reasoning import make_chain_task
+
+        return make_chain_task(**options)
     if source_kind(name) is not None:
         return make_source_task(name, **options)
     if name in list_tasks():
         return get_builtin_task(name, **options)
     raise ValueError(
-        f"unknown task {name!r}; use a built-in task ({', '.join(list_tasks())}), file "
+        f"unknown task {name!r}; use a built-in task ({', '.join(list_tasks())}), chain, file "
         "(with options.path), jsonl:PATH, parquet:PATH, csv:PATH, hf:PATH, "
         "reasoning_gym:NAME[,NAME...] or humaneval"
     )

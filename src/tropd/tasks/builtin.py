@@ -3,7 +3,8 @@
 They are small enough for a model of a few hundred thousand parameters to learn on
 a CPU in minutes, which makes them the end-to-end demo and the test bed.
 
-Train and eval are split by a hash of the prompt, so a problem belongs to exactly
+Train and eval are split by a hash of the problem (for `add`, of the unordered
+operand pair, so `a+b` and `b+a` share a split), so a problem belongs to exactly
 one split whatever the seed; within a split, items are drawn with replacement from
 a `random.Random` seeded by (task, split, seed), so the same call gives the same list.
 """
@@ -22,8 +23,8 @@ SPLITS = ("train", "eval")
 EVAL_PERCENT = 10  # share of the problem space that belongs to the eval split
 
 
-def _split_of(prompt: str) -> str:
-    digest = hashlib.sha256(prompt.encode()).digest()
+def _split_of(problem: str) -> str:
+    digest = hashlib.sha256(problem.encode()).digest()
     return "eval" if int.from_bytes(digest[:8], "big") % 100 < EVAL_PERCENT else "train"
 
 
@@ -32,9 +33,16 @@ def _exact_score(response: str, item: Item) -> float:
 
 
 def _draw(
-    make_item: Callable[[random.Random], Item], name: str, split: str, n: int, seed: int
+    make_item: Callable[[random.Random], tuple[Item, str]],
+    name: str,
+    split: str,
+    n: int,
+    seed: int,
 ) -> list[Item]:
-    """Draw `n` items of `split` by rejection: `make_item(rng)` proposes a problem."""
+    """Draw `n` items of `split` by rejection.
+
+    `make_item(rng)` proposes an item and the key of its problem, which decides the split.
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if n < 0:
@@ -45,8 +53,8 @@ def _draw(
     # misses in a row means it is (nearly) empty for these task options.
     misses, max_misses = 0, 10_000
     while len(items) < n:
-        item = make_item(rng)
-        if _split_of(item.prompt) == split:
+        item, problem = make_item(rng)
+        if _split_of(problem) == split:
             items.append(item)
             misses = 0
         else:
@@ -80,9 +88,9 @@ class AddTask:
         length = rng.randint(1, self.digits)
         return rng.randint(0 if length == 1 else 10 ** (length - 1), 10**length - 1)
 
-    def _make_item(self, rng: random.Random) -> Item:
+    def _make_item(self, rng: random.Random) -> tuple[Item, str]:
         a, b = self._operand(rng), self._operand(rng)
-        return Item(prompt=f"{a}+{b}=", answer=str(a + b))
+        return Item(prompt=f"{a}+{b}=", answer=str(a + b)), f"{min(a, b)}+{max(a, b)}"
 
     def items(self, split: str, n: int, seed: int) -> list[Item]:
         return _draw(self._make_item, self.name, split, n, seed)
@@ -122,11 +130,11 @@ class StringTask:
     def alphabet(self) -> str:
         return string.ascii_lowercase + ":="
 
-    def _make_item(self, rng: random.Random) -> Item:
+    def _make_item(self, rng: random.Random) -> tuple[Item, str]:
         length = rng.randint(self.min_length, self.max_length)
         text = "".join(rng.choice(string.ascii_lowercase[: self.letters]) for _ in range(length))
         answer = text if self.name == "copy" else text[::-1]
-        return Item(prompt=f"{self.name}:{text}=", answer=answer)
+        return Item(prompt=f"{self.name}:{text}=", answer=answer), text
 
     def items(self, split: str, n: int, seed: int) -> list[Item]:
         return _draw(self._make_item, self.name, split, n, seed)

@@ -33,7 +33,7 @@ from tropd.tasks.tokenizer import build_char_tokenizer
 IGNORE_INDEX = -100  # label value the HF loss skips
 # Bump when the recipe code changes in a way the recipe config does not capture,
 # so cached models are rebuilt.
-RECIPE_FORMAT = 1
+RECIPE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -51,21 +51,24 @@ class BuiltinRecipe:
     eval_items: int = 500
 
 
+# Measured on `add` (digits=3), 2 CPU threads: the teacher reaches ~98% greedy eval
+# accuracy; the student, same depth at half the width, ~24% after 600 steps (it
+# reaches ~74% at 1000 steps and ~92% at 3000, so distillation has room to help).
 RECIPES: dict[str, BuiltinRecipe] = {
     "teacher": BuiltinRecipe(
         hidden_size=128,
-        num_layers=4,
+        num_layers=3,
         num_heads=4,
-        steps=3000,
+        steps=2000,
         batch_size=64,
         lr=3e-3,
         warmup_steps=100,
     ),
     "student": BuiltinRecipe(
         hidden_size=64,
-        num_layers=2,
+        num_layers=3,
         num_heads=4,
-        steps=300,
+        steps=600,
         batch_size=64,
         lr=3e-3,
         warmup_steps=30,
@@ -295,7 +298,7 @@ def _build(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         model = AutoModelForCausalLM.from_config(config)
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     with Progress(
         TextColumn(f"[bold]{task.name} {role}[/bold] SFT"),
         BarColumn(),
@@ -316,6 +319,7 @@ def _build(
             on_step=lambda step, loss: progress.update(bar, completed=step, loss=loss),
         )
     train_seconds = time.perf_counter() - started
+    train_cpu_seconds = time.process_time() - started_cpu
     scores = evaluate(model, tokenizer, task, recipe.eval_items, seed=recipe.seed)
     console.log(
         f"{task.name} {role}: eval accuracy {scores['accuracy']:.3f}, "
@@ -335,6 +339,7 @@ def _build(
         "eval_eos_fraction": scores["eos_fraction"],
         "eval_items": recipe.eval_items,
         "train_seconds": round(train_seconds, 2),
+        "train_cpu_seconds": round(train_cpu_seconds, 2),
         "torch_threads": torch.get_num_threads(),
     }
     (out_dir / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -364,7 +369,6 @@ def prepare_builtin(task_name: str, role: str, cache_dir: Path | None = None) ->
     build_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=cache_dir))
     try:
         _build(task, role, recipe, build_dir, console)
-        build_dir.chmod(0o755)  # mkdtemp makes it private; a cache may be shared
         try:
             os.replace(build_dir, final_dir)
         except OSError:

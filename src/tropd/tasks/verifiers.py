@@ -15,6 +15,7 @@ written to escape: run untrusted models in a container or VM (see README).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -172,7 +173,8 @@ def _scrubbed_env(scratch: Path) -> dict[str, str]:
         "TMPDIR": str(scratch),
         "LANG": "C.UTF-8",
         "PYTHONHASHSEED": "0",
-        "OMP_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",  # thread pools reserve address space against RLIMIT_AS
+        "OPENBLAS_NUM_THREADS": "1",
     }
 
 
@@ -241,10 +243,8 @@ def run_program(
             except subprocess.TimeoutExpired:
                 returncode = None
             finally:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 proc.wait()
         seconds = time.perf_counter() - started
         with open(log, "rb") as handle:

@@ -1,0 +1,221 @@
+"""Teacher and students for the `chain` task, with a controllable style mismatch.
+
+The teacher is a tiny Llama trained with SFT (`tropd.tasks.recipes.sft_train`) on gold
+chains in the `forward` style until it solves the task. Each student is a smaller
+Llama trained briefly on the same problems, in a style set by the `mismatch` knob:
+
+| mismatch | student's style | what the teacher sees on student samples |
+|---|---|---|
+| `none` | `forward` "7+5=12;12-3=9" | its own format: only capability differs |
+| `mild` | `spaced` "7 + 5 = 12, 12 - 3 = 9" | its steps, with separators it never saw |
+| `strong` | `backward` "12=7+5;9=12-3" | a format it never saw, from the first token |
+
+Students agree with the teacher on answers, not on the chain of thought, so the
+teacher gives some student tokens (nearly) zero probability: the outliers TrOPD
+routes away from the reverse-KL gradient. `measure_mismatch` reports how far apart
+a pair starts. Models are cached like the other built-in models (`recipes`): under a
+hash of the recipe and task options, built in a temporary folder and renamed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import AutoModelForCausalLM
+
+from tropd.models import tiny_llama_config
+from tropd.tasks.reasoning import ChainTask
+from tropd.tasks.recipes import default_cache_dir, evaluate, sft_train
+from tropd.tasks.tokenizer import build_char_tokenizer
+
+MISMATCH_STYLES = {"none": "forward", "mild": "spaced", "strong": "backward"}
+TEACHER_STYLE = "forward"
+RECIPE_FORMAT = 1  # bump when the build changes in a way the recipe does not capture
+
+
+@dataclass(frozen=True)
+class ChainRecipe:
+    """Model size, SFT schedule and chain-of-thought style of one chain model."""
+
+    style: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    steps: int
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    seed: int = 0
+    eval_items: int = 200
+
+
+TEACHER_RECIPE = ChainRecipe(TEACHER_STYLE, hidden_size=128, num_layers=4, num_heads=4, steps=1000)
+STUDENT_SIZE = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "steps": 700}
+
+
+def student_recipe(mismatch: str) -> ChainRecipe:
+    """The student recipe of a `mismatch` setting (none | mild | strong)."""
+    if mismatch not in MISMATCH_STYLES:
+        raise ValueError(f"unknown mismatch {mismatch!r}; use one of {', '.join(MISMATCH_STYLES)}")
+    return ChainRecipe(MISMATCH_STYLES[mismatch], **STUDENT_SIZE)
+
+
+def prepare_chain_model(
+    recipe: ChainRecipe,
+    task: ChainTask | None = None,
+    cache_dir: Path | None = None,
+    name: str = "chain",
+) -> Path:
+    """The directory of the model `recipe` makes for `task` (default `ChainTask()`),
+    built on first use.
+
+    `<cache_dir>/<name>-<style>-<hash of recipe and task options>` holds the model, its
+    tokenizer and `recipe.json` (recipe, task options, measured eval accuracy and
+    training time). It is built in a temporary sibling and moved into place with one
+    `os.replace`, so an interrupted or concurrent build never leaves a partial folder.
+    """
+    task = (task or ChainTask()).with_style(recipe.style)
+    spec = {"format": RECIPE_FORMAT, "task": _options(task), "recipe": dataclasses.asdict(recipe)}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final_dir = cache_dir / f"{name}-{recipe.style}-{key}"
+    if (final_dir / "recipe.json").is_file():
+        return final_dir
+    console = Console(stderr=True)
+    console.log(f"building {name} model ({recipe.style} style) into {final_dir}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    build_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=cache_dir))
+    try:
+        record = _build(task, recipe, build_dir, console)
+        (build_dir / "recipe.json").write_text(json.dumps({**spec, **record}, indent=2) + "\n")
+        build_dir.chmod(0o755)  # mkdtemp makes it private; a cache may be shared
+        try:
+            os.replace(build_dir, final_dir)
+        except OSError:
+            if not (final_dir / "recipe.json").is_file():  # not a concurrent build: a failure
+                raise
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
+    return final_dir
+
+
+def _options(task: ChainTask) -> dict[str, object]:
+    return dataclasses.asdict(task)
+
+
+def _build(task: ChainTask, recipe: ChainRecipe, out_dir: Path, console: Console) -> dict:
+    """SFT a fresh tiny Llama on `task`'s gold chains; save it to `out_dir`; return the
+    measured numbers for `recipe.json`."""
+    tokenizer = build_char_tokenizer(task.alphabet)
+    config = tiny_llama_config(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        num_layers=recipe.num_layers,
+        num_heads=recipe.num_heads,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # building must not shift the caller's seeds
+        torch.manual_seed(recipe.seed)
+        model = AutoModelForCausalLM.from_config(config)
+    started = time.perf_counter()
+    with Progress(
+        TextColumn(f"[bold]chain {recipe.style}[/bold] SFT"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task("sft", total=recipe.steps, loss=float("nan"))
+        sft_train(
+            model,
+            tokenizer,
+            task,
+            steps=recipe.steps,
+            batch_size=recipe.batch_size,
+            lr=recipe.lr,
+            seed=recipe.seed,
+            warmup_steps=recipe.warmup_steps,
+            on_step=lambda step, loss: progress.update(bar, completed=step, loss=loss),
+        )
+    train_seconds = time.perf_counter() - started
+    scores = evaluate(model, tokenizer, task, recipe.eval_items, seed=recipe.seed)
+    console.log(
+        f"chain {recipe.style}: eval accuracy {scores['accuracy']:.3f} (greedy, "
+        f"{recipe.eval_items} items), trained in {train_seconds:.0f}s"
+    )
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {
+        "eval_accuracy": scores["accuracy"],
+        "eval_eos_fraction": scores["eos_fraction"],
+        "train_seconds": round(train_seconds, 2),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+@torch.no_grad()
+def measure_mismatch(
+    teacher,
+    student,
+    tokenizer,
+    task: ChainTask,
+    num_prompts: int = 64,
+    samples_per_prompt: int = 4,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How far apart a teacher and a student start, on student samples (temperature 1) of
+    `num_prompts` eval-split prompts, over student tokens:
+
+    - `reverse_kl_k1`: mean of `log q(x_t) − log π_T(x_t)` (the K1 estimate OPD trains on);
+    - `outlier_fraction`: `1 − E[min(1, π_T/q)]`, the share TrOPD's gate expects to route
+      to the outlier loss;
+    - `near_zero_fraction`: share of tokens with `π_T(x_t) < 1e-3`;
+    - `student_accuracy`: the verifier on those samples (not greedy).
+    The caller's torch RNG is left untouched.
+    """
+    from tropd.rollout import HFEngine, SamplingParams, collect_rollouts
+    from tropd.tasks.chat import encode_prompt
+    from tropd.teacher import score_batch
+
+    items = task.items("eval", num_prompts, seed)
+    prompts = [encode_prompt(tokenizer, item) for item in items]
+    engine = HFEngine(student, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        batch = collect_rollouts(
+            engine,
+            prompts,
+            SamplingParams(max_new_tokens),
+            samples_per_prompt,
+            tokenizer.pad_token_id,
+        )
+    batch = score_batch(teacher, batch.to(next(teacher.parameters()).device), top_k=1)
+    mask = batch.student_mask
+    reward = (batch.teacher_logprobs - batch.sampler_logprobs.to(mask.device))[mask]
+    texts = [
+        tokenizer.decode(batch.tokens[row][mask[row]].tolist(), skip_special_tokens=True)
+        for row in range(len(batch))
+    ]
+    per_row = [item for item in items for _ in range(samples_per_prompt)]
+    return {
+        "reverse_kl_k1": float(-reward.mean()),
+        "outlier_fraction": float(1 - torch.exp(reward.clamp(max=0)).mean()),
+        "near_zero_fraction": float((batch.teacher_logprobs[mask] < -6.9078).float().mean()),
+        "student_accuracy": sum(map(task.score, texts, per_row)) / len(texts),
+    }

@@ -1,0 +1,54 @@
+"""`tropd demo` end to end on tiny models and a two-step budget: outputs exist and are
+well-formed. (The scientific comparison lives in bench/ablation.py, not in tests.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tropd import cli
+from tropd.tasks import mismatch
+from tropd.tasks.mismatch import ChainRecipe
+
+TINY = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "steps": 4, "batch_size": 8}
+
+
+@pytest.fixture
+def tiny_recipes(monkeypatch, tmp_path):
+    monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
+    teacher = ChainRecipe(mismatch.TEACHER_STYLE, **TINY, warmup_steps=1, eval_items=8)
+    monkeypatch.setattr(mismatch, "TEACHER_RECIPE", teacher)
+    monkeypatch.setattr(mismatch, "STUDENT_SIZE", {**TINY, "warmup_steps": 1, "eval_items": 8})
+    return tmp_path
+
+
+def test_quick_demo_writes_runs_summary_and_plots(tiny_recipes, capsys):
+    out = tiny_recipes / "demo"
+    assert cli.main(["demo", "--quick", "--steps", "2", "--out", str(out)]) == 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mismatch"] == "strong" and set(summary["results"]) == {"opd", "tropd"}
+    divergence = summary["divergence_at_start"]
+    assert 0 <= divergence["outlier_fraction"] <= 1 and divergence["reverse_kl_k1"] > -1e-6
+    for method, result in summary["results"].items():
+        assert 0 <= result["accuracy_before"] <= 1 and 0 <= result["accuracy_after"] <= 1
+        assert result["reverse_kl_after"] >= 0 and result["skipped_steps"] == 0
+        assert 0 < result["trust_probability_first"] <= 1
+        records = [json.loads(line) for line in (out / method / "metrics.jsonl").open()]
+        assert [r["step"] for r in records] == [0, 1, 2]
+        assert (out / method / "final" / "config.json").is_file()
+    assert summary["results"]["opd"]["outlier_fraction_mean"] is None
+    assert 0 <= summary["results"]["tropd"]["outlier_fraction_mean"] <= 1
+    for name in ("curves", "accuracy", "reverse_kl", "trust", "prefix_cap"):
+        assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    table = capsys.readouterr().err
+    assert "strong mismatch" in table and "tropd" in table
+
+    # the models are cached: a second demo builds nothing and refuses a used folder
+    assert len(list((tiny_recipes / "cache").iterdir())) == 2
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 2
+
+
+def test_demo_rejects_unknown_methods(tiny_recipes):
+    assert cli.main(["demo", "--methods", "opd,nope", "--out", str(tiny_recipes / "x")]) == 2
