@@ -34,6 +34,12 @@ from tropd.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "smollm2"
+LABELS = {
+    "teacher": "teacher\n(30 layers)",
+    "student_init": "student\n(20 layers, untrained)",
+    "student_tropd": "student\nafter TrOPD",
+    "student_opd": "student\nafter OPD",
+}
 PLOTTED = ("loss", "reward_mean", "trust_fraction", "student_entropy", "prefix_len_mean")
 
 
@@ -81,11 +87,12 @@ def plot(runs: dict[str, list[dict]], evals: dict[str, dict]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     names = list(evals)
     means = [evals[n]["mean"] for n in names]
+    labels = [LABELS.get(n, n) for n in names]
     errors = [
         [m - evals[n]["ci95"][0] for n, m in zip(names, means, strict=True)],
         [evals[n]["ci95"][1] - m for n, m in zip(names, means, strict=True)],
     ]
-    ax.bar(names, means, yerr=errors, capsize=4, color="tab:blue", alpha=0.8)
+    ax.bar(labels, means, yerr=errors, capsize=4, color="tab:blue", alpha=0.8)
     ax.set_ylabel("held-out score (mean, 95% CI)")
     ax.set_title(f"reasoning-gym mix, {evals[names[0]]['items']} held-out prompts, greedy")
     fig.tight_layout()
@@ -97,7 +104,15 @@ def main() -> None:
     parser.add_argument("--methods", default="tropd,opd")
     parser.add_argument("--steps", type=int, default=None, help="override run.steps")
     parser.add_argument("--eval-items", type=int, default=64)
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw the plots from the saved results"
+    )
     args = parser.parse_args()
+    if args.plot_only:
+        summary = json.loads((OUT / "summary.json").read_text())
+        runs = {m: read_jsonl(OUT / m / "metrics.jsonl") for m in summary["timing"]}
+        plot(runs, summary["eval"])
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",")
     configs = {}
@@ -108,12 +123,13 @@ def main() -> None:
         configs[method] = load_config(ROOT / f"examples/smollm2_compress_{method}.yaml", overrides)
     first = configs[methods[0]]
 
+    bench_started = time.perf_counter()
     evals: dict[str, dict] = {}
     _, layers = parse_prune(first.model.student)
     teacher = load_model(first.model.teacher, "float32", "cpu")
     tokenizer = load_tokenizer(first.model.teacher)
     evals["teacher"] = evaluate(teacher, tokenizer, first, "teacher", args.eval_items)
-    evals["student (pruned, untrained)"] = evaluate(
+    evals["student_init"] = evaluate(
         prune_layers(teacher, layers), tokenizer, first, "student_init", args.eval_items
     )
     del teacher
@@ -139,12 +155,13 @@ def main() -> None:
         for name in ("metrics.jsonl", "samples.jsonl", "config.yaml"):
             shutil.copy(run_dir / name, OUT / method / name)
         model, tok, _ = load_eval_model(str(run_dir), "float32", "cpu")
-        evals[f"student ({method})"] = evaluate(
+        evals[f"student_{method}"] = evaluate(
             model, tok, config, f"student_{method}", args.eval_items
         )
         del model
 
     summary = {
+        "bench_wall_s": round(time.perf_counter() - bench_started, 1),
         "teacher": first.model.teacher,
         "student": first.model.student,
         "layers_kept": f"{len(layers)} of 30",

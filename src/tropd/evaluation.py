@@ -177,6 +177,7 @@ def evaluate_model(
             mean = statistics.fmean(item_means)
             bar.update(track, advance=len(chunk), description=f"mean {mean:.3f}")
     mean, low, high = mean_with_ci(item_means)
+    low, high = max(0.0, low), min(1.0, high)  # scores lie in [0, 1]
     summary: dict[str, Any] = {
         "task": task.name,
         "items": len(items),

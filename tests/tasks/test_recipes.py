@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -150,7 +151,8 @@ def test_prepare_builtin_writes_a_complete_cached_directory(tmp_path, tiny_recip
     assert 0.0 <= record["eval_accuracy"] <= 1.0 and record["train_seconds"] >= 0
     model = load_model(str(path), dtype="float32", device="cpu")
     assert model.config.hidden_size == TINY_RECIPE.hidden_size
-    assert load_tokenizer(str(path)).decode(prompt_ids(load_tokenizer(str(path)), "1+2=")) == "1+2="
+    tokenizer = load_tokenizer(str(path))
+    assert tokenizer.decode(prompt_ids(tokenizer, "1+2=")) == "1+2="
 
     def no_build(*args):
         raise AssertionError("a cached model was rebuilt")
@@ -164,11 +166,8 @@ def test_prepare_builtin_is_reproducible_and_keyed_by_recipe(tmp_path, tiny_reci
     again = prepare_builtin("add", "student", cache_dir=tmp_path / "b")
     assert first.name == again.name
     assert (first / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
-    monkeypatch.setitem(
-        recipes.RECIPES,
-        "student",
-        TINY_RECIPE.__class__(**{**TINY_RECIPE.__dict__, "steps": TINY_RECIPE.steps + 1}),
-    )
+    longer = dataclasses.replace(TINY_RECIPE, steps=TINY_RECIPE.steps + 1)
+    monkeypatch.setitem(recipes.RECIPES, "student", longer)
     assert prepare_builtin("add", "student", cache_dir=tmp_path / "a").name != first.name
 
 

@@ -35,11 +35,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import AutoModelForCausalLM
 
 from tropd.models import tiny_llama_config
-from tropd.tasks.reasoning import ChainTask
+from tropd.tasks import Item
+from tropd.tasks.reasoning import ChainTask, parse_steps, write_chain
 from tropd.tasks.recipes import default_cache_dir, evaluate, sft_train
 from tropd.tasks.tokenizer import build_char_tokenizer
 
-MISMATCH_STYLES = {"none": "forward", "mild": "spaced", "strong": "backward"}
+MISMATCH_STYLES = {"none": "forward", "mild": "backward", "strong": "backward"}
 TEACHER_STYLE = "forward"
 RECIPE_FORMAT = 1  # bump when the build changes in a way the recipe does not capture
 
@@ -49,6 +50,7 @@ class ChainRecipe:
     """Model size, SFT schedule and chain-of-thought style of one chain model."""
 
     style: str
+    teacher_style_share: float  # share of the problems written in the teacher's style instead
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -60,15 +62,16 @@ class ChainRecipe:
     eval_items: int = 200
 
 
-TEACHER_RECIPE = ChainRecipe(TEACHER_STYLE, hidden_size=128, num_layers=4, num_heads=4, steps=1000)
-STUDENT_SIZE = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "steps": 700}
+TEACHER_RECIPE = ChainRecipe(TEACHER_STYLE, 0.0, hidden_size=128, num_layers=4, num_heads=4, steps=1000)
+STUDENT_SIZE = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "steps": 500}
+MISMATCH_SHARE = {"none": 1.0, "mild": 0.5, "strong": 0.2}
 
 
 def student_recipe(mismatch: str) -> ChainRecipe:
     """The student recipe of a `mismatch` setting (none | mild | strong)."""
     if mismatch not in MISMATCH_STYLES:
         raise ValueError(f"unknown mismatch {mismatch!r}; use one of {', '.join(MISMATCH_STYLES)}")
-    return ChainRecipe(MISMATCH_STYLES[mismatch], **STUDENT_SIZE)
+    return ChainRecipe(MISMATCH_STYLES[mismatch], MISMATCH_SHARE[mismatch], **STUDENT_SIZE)
 
 
 def prepare_chain_model(
@@ -110,6 +113,35 @@ def prepare_chain_model(
     return final_dir
 
 
+@dataclass(frozen=True)
+class StyleMix:
+    """SFT data: `task`'s problems in its style, except a `share` of them (chosen by a
+    hash of the prompt) written in `other` style."""
+
+    task: ChainTask
+    other: str
+    share: float
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    @property
+    def alphabet(self) -> str:
+        return self.task.alphabet
+
+    def items(self, split: str, n: int, seed: int) -> list[Item]:
+        return self.task.items(split, n, seed)
+
+    def score(self, response: str, item: Item) -> float:
+        return self.task.score(response, item)
+
+    def gold_response(self, item: Item) -> str:
+        digest = hashlib.sha256(f"style:{item.prompt}".encode()).digest()
+        other = int.from_bytes(digest[:8], "big") / 2**64 < self.share
+        return write_chain(parse_steps(item.prompt), self.other if other else self.task.style)
+
+
 def _options(task: ChainTask) -> dict[str, object]:
     return dataclasses.asdict(task)
 
@@ -118,6 +150,7 @@ def _build(task: ChainTask, recipe: ChainRecipe, out_dir: Path, console: Console
     """SFT a fresh tiny Llama on `task`'s gold chains; save it to `out_dir`; return the
     measured numbers for `recipe.json`."""
     tokenizer = build_char_tokenizer(task.alphabet)
+    data = StyleMix(task, TEACHER_STYLE, recipe.teacher_style_share)
     config = tiny_llama_config(
         vocab_size=len(tokenizer),
         hidden_size=recipe.hidden_size,
@@ -142,7 +175,7 @@ def _build(task: ChainTask, recipe: ChainRecipe, out_dir: Path, console: Console
         sft_train(
             model,
             tokenizer,
-            task,
+            data,
             steps=recipe.steps,
             batch_size=recipe.batch_size,
             lr=recipe.lr,
@@ -151,7 +184,7 @@ def _build(task: ChainTask, recipe: ChainRecipe, out_dir: Path, console: Console
             on_step=lambda step, loss: progress.update(bar, completed=step, loss=loss),
         )
     train_seconds = time.perf_counter() - started
-    scores = evaluate(model, tokenizer, task, recipe.eval_items, seed=recipe.seed)
+    scores = evaluate(model, tokenizer, data, recipe.eval_items, seed=recipe.seed)
     console.log(
         f"chain {recipe.style}: eval accuracy {scores['accuracy']:.3f} (greedy, "
         f"{recipe.eval_items} items), trained in {train_seconds:.0f}s"
