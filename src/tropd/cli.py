@@ -12,6 +12,7 @@ import sys
 
 from rich.console import Console
 from rich.table import Table
+from transformers.utils import logging as hf_logging
 
 import tropd
 
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("config", help="print every config key, its default and meaning")
 
     args = parser.parse_args(argv)
+    hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
     console = Console(stderr=True)
     try:
         if args.command == "train":

@@ -66,6 +66,7 @@ def process_group(config: Config) -> Iterator[tuple[int, int]]:
     rank = dist.get_rank()
     try:
         yield rank, world_size
+        dist.barrier()  # leave together: no rank tears down while another still talks
     except RuntimeError as err:  # gloo and NCCL report lost peers as RuntimeError
         if not any(sign in str(err).lower() for sign in PEER_LOST):
             raise
