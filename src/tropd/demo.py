@@ -30,7 +30,7 @@ class DemoSettings:
     steps: int
     prompts_per_step: int = 8
     samples_per_prompt: int = 4
-    max_new_tokens: int = 48
+    max_new_tokens: int = 44
     lr: float = 1e-3
     grad_clip: float = 1.0
     top_k: int = 16

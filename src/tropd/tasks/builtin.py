@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from tropd.tasks import Item, Task
+from tropd.tasks import Item, SFTTask
 
 SPLITS = ("train", "eval")
 EVAL_PERCENT = 10  # share of the problem space that belongs to the eval split
@@ -163,12 +163,12 @@ def list_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
-def task_options(task: Task) -> dict[str, object]:
+def task_options(task: SFTTask) -> dict[str, object]:
     """The options a built-in task was made with, e.g. `{"digits": 3}` (for cache keys)."""
     return {name: getattr(task, name) for name in _option_names(type(task))}
 
 
-def get_task(name: str, **options: object) -> Task:
+def get_task(name: str, **options: object) -> SFTTask:
     """Build the built-in task `name` with keyword `options` (e.g. `digits=2` for add).
 
     An unknown name or option is a `ValueError` that lists the valid ones.

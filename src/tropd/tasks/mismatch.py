@@ -40,9 +40,15 @@ from tropd.tasks.reasoning import ChainTask, parse_steps, write_chain
 from tropd.tasks.recipes import default_cache_dir, evaluate, sft_train
 from tropd.tasks.tokenizer import build_char_tokenizer
 
-MISMATCH_STYLES = {"none": "forward", "mild": "backward", "strong": "backward"}
 TEACHER_STYLE = "forward"
-RECIPE_FORMAT = 1  # bump when the build changes in a way the recipe does not capture
+MISMATCH = {
+    "none": ("forward", 1.0, 1500),
+    "mild": ("backward", 0.5, 1500),
+    "strong": ("backward", 0.2, 1500),
+}
+"""mismatch -> (the student's own style, share of its SFT problems written in the teacher's
+style instead, SFT steps). The steps bring each student to a similar starting accuracy."""
+RECIPE_FORMAT = 2  # bump when the build changes in a way the recipe does not capture
 
 
 @dataclass(frozen=True)
@@ -63,15 +69,15 @@ class ChainRecipe:
 
 
 TEACHER_RECIPE = ChainRecipe(TEACHER_STYLE, 0.0, hidden_size=128, num_layers=4, num_heads=4, steps=1000)
-STUDENT_SIZE = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "steps": 500}
-MISMATCH_SHARE = {"none": 1.0, "mild": 0.5, "strong": 0.2}
+STUDENT_SIZE = {"hidden_size": 64, "num_layers": 2, "num_heads": 4}
 
 
 def student_recipe(mismatch: str) -> ChainRecipe:
     """The student recipe of a `mismatch` setting (none | mild | strong)."""
-    if mismatch not in MISMATCH_STYLES:
-        raise ValueError(f"unknown mismatch {mismatch!r}; use one of {', '.join(MISMATCH_STYLES)}")
-    return ChainRecipe(MISMATCH_STYLES[mismatch], MISMATCH_SHARE[mismatch], **STUDENT_SIZE)
+    if mismatch not in MISMATCH:
+        raise ValueError(f"unknown mismatch {mismatch!r}; use one of {', '.join(MISMATCH)}")
+    style, share, steps = MISMATCH[mismatch]
+    return ChainRecipe(style, share, **STUDENT_SIZE, steps=steps)
 
 
 def prepare_chain_model(
@@ -137,9 +143,9 @@ class StyleMix:
         return self.task.score(response, item)
 
     def gold_response(self, item: Item) -> str:
-        digest = hashlib.sha256(f"style:{item.prompt}".encode()).digest()
-        other = int.from_bytes(digest[:8], "big") / 2**64 < self.share
-        return write_chain(parse_steps(item.prompt), self.other if other else self.task.style)
+        steps = parse_steps(item.prompt)
+        other = steps[0][0] >= (1 - self.share) * (self.task.max_value + 1)
+        return write_chain(steps, self.other if other else self.task.style)
 
 
 def _options(task: ChainTask) -> dict[str, object]:
