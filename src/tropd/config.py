@@ -60,7 +60,7 @@ class ModelConfig(_Section):
 class TaskConfig(_Section):
     name: str = Field(
         "add",
-        description="add, copy, reverse; file, jsonl:PATH, parquet:PATH, csv:PATH, hf:PATH; "
+        description="add, copy, reverse, chain; file, jsonl:PATH, parquet:PATH, csv:PATH, hf:PATH; "
         "reasoning_gym:NAME[,NAME...]; humaneval",
     )
     options: dict[str, Any] = Field(

@@ -49,12 +49,32 @@ def run_label(run_dir: Path) -> str:
     if not config.is_file():
         return run_dir.name
     objective = (yaml.safe_load(config.read_text()) or {}).get("objective", {}).get("name")
-    return run_dir.name if not objective or objective in run_dir.name else f"{run_dir.name} ({objective})"
+    return (
+        run_dir.name
+        if not objective or objective in run_dir.name
+        else f"{run_dir.name} ({objective})"
+    )
+
+
+PER_STUDENT_TOKEN = {
+    "reward_mean",
+    "student_entropy",
+    "trust_probability",
+    "trust_fraction",
+    "outlier_fraction",
+}
+"""Averages over student tokens: undefined (logged as 0) on fully off-policy steps."""
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of `key` over the records that have it."""
-    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    """(steps, values) of `key` over the records that have it; per-student-token averages
+    are left out on steps without student tokens."""
+    points = [
+        (r["step"], r[key])
+        for r in records
+        if isinstance(r.get(key), (int, float))
+        and not (key in PER_STUDENT_TOKEN and r.get("student_tokens", 1) == 0)
+    ]
     return [s for s, _ in points], [v for _, v in points]
 
 
@@ -118,7 +138,7 @@ def plot_runs(
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(names) // 4), 1, 1))
+    fig.tight_layout(rect=(0, 0.03 + 0.02 * (len(names) // 4), 1, 1))
     written = [out_dir / "curves.png"]
     fig.savefig(written[0], dpi=110)
     plt.close(fig)

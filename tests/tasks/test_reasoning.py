@@ -14,9 +14,7 @@ def _evaluate_left_to_right(prompt: str) -> int:
     tokens = re.findall(r"\d+|[+\-*]", prompt.removesuffix("="))
     value = int(tokens[0])
     for op, operand in zip(tokens[1::2], tokens[2::2], strict=True):
-        value = {"+": value + int(operand), "-": value - int(operand)}.get(
-            op, value * int(operand)
-        )
+        value = {"+": value + int(operand), "-": value - int(operand)}.get(op, value * int(operand))
     return value
 
 

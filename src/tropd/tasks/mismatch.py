@@ -1,20 +1,24 @@
 """Teacher and students for the `chain` task, with a controllable style mismatch.
 
 The teacher is a tiny Llama trained with SFT (`tropd.tasks.recipes.sft_train`) on gold
-chains in the `forward` style until it solves the task. Each student is a smaller
-Llama trained briefly on the same problems, in a style set by the `mismatch` knob:
+chains in the `forward` style ("7+5=12;12-3=9") until it solves the task. Each student
+is a smaller Llama trained on the same problems, but writing most of them in the
+`backward` style ("12=7+5;9=12-3"): a problem is written in the teacher's style only
+when its start value lies in the top `share` of the value range, so the student learns
+both styles and a rule for choosing between them. The `mismatch` knob sets `share`:
 
-| mismatch | student's style | what the teacher sees on student samples |
+| mismatch | share in the teacher's style | on the other prompts |
 |---|---|---|
-| `none` | `forward` "7+5=12;12-3=9" | its own format: only capability differs |
-| `mild` | `spaced` "7 + 5 = 12, 12 - 3 = 9" | its steps, with separators it never saw |
-| `strong` | `backward` "12=7+5;9=12-3" | a format it never saw, from the first token |
+| `none` | 100% | the student writes as the teacher does; only capability differs |
+| `mild` | 50% (start value >= 50) | the student starts "12=..." where the teacher starts "7+..." |
+| `strong` | 20% (start value >= 80) | the same, on 80% of the prompts |
 
-Students agree with the teacher on answers, not on the chain of thought, so the
-teacher gives some student tokens (nearly) zero probability: the outliers TrOPD
-routes away from the reverse-KL gradient. `measure_mismatch` reports how far apart
-a pair starts. Models are cached like the other built-in models (`recipes`): under a
-hash of the recipe and task options, built in a temporary folder and renamed.
+Where the rule says `backward`, the student gives the teacher's first token almost no
+probability and the teacher gives the student's almost none: the outliers TrOPD routes
+away from the reverse-KL gradient. Yet the student can solve those problems in the
+teacher's style; it just never samples it. `measure_mismatch` reports how far apart a
+pair starts. Models are cached like the other built-in models (`recipes`): under a hash
+of the recipe and task options, built in a temporary folder and renamed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -68,7 +73,9 @@ class ChainRecipe:
     eval_items: int = 200
 
 
-TEACHER_RECIPE = ChainRecipe(TEACHER_STYLE, 0.0, hidden_size=128, num_layers=4, num_heads=4, steps=1000)
+TEACHER_RECIPE = ChainRecipe(
+    TEACHER_STYLE, 0.0, hidden_size=128, num_layers=4, num_heads=4, steps=1000
+)
 STUDENT_SIZE = {"hidden_size": 64, "num_layers": 2, "num_heads": 4}
 
 
@@ -121,8 +128,8 @@ def prepare_chain_model(
 
 @dataclass(frozen=True)
 class StyleMix:
-    """SFT data: `task`'s problems in its style, except a `share` of them (chosen by a
-    hash of the prompt) written in `other` style."""
+    """SFT data: `task`'s problems in its style, except those whose start value lies in
+    the top `share` of `0..max_value`, written in the `other` style."""
 
     task: ChainTask
     other: str
@@ -255,6 +262,6 @@ def measure_mismatch(
     return {
         "reverse_kl_k1": float(-reward.mean()),
         "outlier_fraction": float(1 - torch.exp(reward.clamp(max=0)).mean()),
-        "near_zero_fraction": float((batch.teacher_logprobs[mask] < -6.9078).float().mean()),
+        "near_zero_fraction": float((batch.teacher_logprobs[mask] < math.log(1e-3)).float().mean()),
         "student_accuracy": sum(map(task.score, texts, per_row)) / len(texts),
     }
