@@ -30,20 +30,15 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from transformers import AutoModelForCausalLM
 
-from tropd.models import tiny_llama_config
 from tropd.tasks import Item
 from tropd.tasks.reasoning import ChainTask, parse_steps, write_chain
-from tropd.tasks.recipes import default_cache_dir, evaluate, sft_train
-from tropd.tasks.tokenizer import build_char_tokenizer
+from tropd.tasks.recipes import default_cache_dir, sft_build
 
 TEACHER_STYLE = "forward"
 MISMATCH = {
@@ -162,59 +157,10 @@ def _options(task: ChainTask) -> dict[str, object]:
 def _build(task: ChainTask, recipe: ChainRecipe, out_dir: Path, console: Console) -> dict:
     """SFT a fresh tiny Llama on `task`'s gold chains; save it to `out_dir`; return the
     measured numbers for `recipe.json`."""
-    tokenizer = build_char_tokenizer(task.alphabet)
     data = StyleMix(task, TEACHER_STYLE, recipe.teacher_style_share)
-    config = tiny_llama_config(
-        vocab_size=len(tokenizer),
-        hidden_size=recipe.hidden_size,
-        num_layers=recipe.num_layers,
-        num_heads=recipe.num_heads,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):  # building must not shift the caller's seeds
-        torch.manual_seed(recipe.seed)
-        model = AutoModelForCausalLM.from_config(config)
-    started = time.perf_counter()
-    with Progress(
-        TextColumn(f"[bold]chain {recipe.style}[/bold] SFT"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
-        bar = progress.add_task("sft", total=recipe.steps, loss=float("nan"))
-        sft_train(
-            model,
-            tokenizer,
-            data,
-            steps=recipe.steps,
-            batch_size=recipe.batch_size,
-            lr=recipe.lr,
-            seed=recipe.seed,
-            warmup_steps=recipe.warmup_steps,
-            on_step=lambda step, loss: progress.update(bar, completed=step, loss=loss),
-        )
-    train_seconds = time.perf_counter() - started
-    scores = evaluate(model, tokenizer, data, recipe.eval_items, seed=recipe.seed)
-    console.log(
-        f"chain {recipe.style}: eval accuracy {scores['accuracy']:.3f} (greedy, "
-        f"{recipe.eval_items} items), trained in {train_seconds:.0f}s"
-    )
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return {
-        "eval_accuracy": scores["accuracy"],
-        "eval_eos_fraction": scores["eos_fraction"],
-        "train_seconds": round(train_seconds, 2),
-        "torch_threads": torch.get_num_threads(),
-    }
+    return sft_build(data, recipe, f"chain {recipe.style}", out_dir, console)
 
 
-@torch.no_grad()
 def measure_mismatch(
     teacher,
     student,

@@ -284,10 +284,12 @@ def _cache_key(task: SFTTask, recipe: BuiltinRecipe) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _build(
-    task: SFTTask, role: str, recipe: BuiltinRecipe, out_dir: Path, console: Console
-) -> None:
-    """Train the `role` model for `task` with `recipe` on the CPU and save it into `out_dir`."""
+def sft_build(
+    task: SFTTask, recipe: BuiltinRecipe, label: str, out_dir: Path, console: Console
+) -> dict[str, float]:
+    """SFT a fresh tiny Llama shaped by `recipe` on `task`'s gold responses, evaluate it
+    greedily, and save model and tokenizer into `out_dir`. Returns the measured numbers
+    for `recipe.json`. `recipe` needs the fields of `BuiltinRecipe`."""
     tokenizer = build_char_tokenizer(task.alphabet)
     config = tiny_llama_config(
         vocab_size=len(tokenizer),
@@ -305,7 +307,7 @@ def _build(
         model = AutoModelForCausalLM.from_config(config)
     started, started_cpu = time.perf_counter(), time.process_time()
     with Progress(
-        TextColumn(f"[bold]{task.name} {role}[/bold] SFT"),
+        TextColumn(f"[bold]{label}[/bold] SFT"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
         TimeElapsedColumn(),
@@ -327,25 +329,35 @@ def _build(
     train_cpu_seconds = time.process_time() - started_cpu
     scores = evaluate(model, tokenizer, task, recipe.eval_items, seed=recipe.seed)
     console.log(
-        f"{task.name} {role}: eval accuracy {scores['accuracy']:.3f}, "
+        f"{label}: eval accuracy {scores['accuracy']:.3f} (greedy, {recipe.eval_items} items), "
         f"ended with EOS {scores['eos_fraction']:.3f}, trained in {train_seconds:.1f}s"
     )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    record = {
-        "task": task.name,
-        "task_options": task_options(task),
-        "role": role,
-        "recipe": dataclasses.asdict(recipe),
-        "format": RECIPE_FORMAT,
+    return {
         "eval_accuracy": scores["accuracy"],
         "eval_eos_fraction": scores["eos_fraction"],
         "eval_items": recipe.eval_items,
         "train_seconds": round(train_seconds, 2),
         "train_cpu_seconds": round(train_cpu_seconds, 2),
         "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _build(
+    task: SFTTask, role: str, recipe: BuiltinRecipe, out_dir: Path, console: Console
+) -> None:
+    """Train the `role` model for `task` with `recipe` on the CPU and save it into `out_dir`."""
+    measured = sft_build(task, recipe, f"{task.name} {role}", out_dir, console)
+    record = {
+        "task": task.name,
+        "task_options": task_options(task),
+        "role": role,
+        "recipe": dataclasses.asdict(recipe),
+        "format": RECIPE_FORMAT,
+        **measured,
     }
     (out_dir / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
 
