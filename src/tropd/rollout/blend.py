@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from tropd.batch import left_pad
 from tropd.rollout.engine import Generation, HFEngine, SamplingParams
 
 BISECTION_STEPS = 30  # b is found to within 2^-30 of the largest feasible value
@@ -108,12 +109,7 @@ class BlendEngine:
         per_row = params if isinstance(params, list) else [params] * len(prompts)
         first = per_row[0]
         device = next(self.student.parameters()).device
-        width = max(len(p) for p in prompts)
-        inputs = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros_like(inputs)
-        for i, p in enumerate(prompts):
-            inputs[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention[i, width - len(p) :] = 1
+        inputs, attention = left_pad(prompts, self.pad_token_id)
         inputs, attention = inputs.to(device), attention.to(device)
 
         models = (self.student, self.teacher)

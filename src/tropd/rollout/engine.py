@@ -8,6 +8,8 @@ from typing import Protocol
 
 import torch
 
+from tropd.batch import left_pad
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -58,12 +60,8 @@ class HFEngine:
         budget = max(p.max_new_tokens for p in per_row)
         first = per_row[0]
         device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention[i, width - len(p) :] = 1
+        input_ids, attention = left_pad(prompts, self.pad_token_id)
+        width = input_ids.shape[1]
         sample = first.temperature > 0
         extra = (
             {"temperature": first.temperature, "top_p": first.top_p, "top_k": 0} if sample else {}

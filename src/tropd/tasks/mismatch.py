@@ -27,9 +27,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +35,7 @@ from rich.console import Console
 
 from tropd.tasks import Item
 from tropd.tasks.reasoning import ChainTask, parse_steps, write_chain
-from tropd.tasks.recipes import default_cache_dir, sft_build
+from tropd.tasks.recipes import build_cached, default_cache_dir, sft_build
 
 TEACHER_STYLE = "forward"
 MISMATCH = {
@@ -103,22 +100,12 @@ def prepare_chain_model(
     final_dir = cache_dir / f"{name}-{recipe.style}-{key}"
     if (final_dir / "recipe.json").is_file():
         return final_dir
-    console = Console(stderr=True)
-    console.log(f"building {name} model ({recipe.style} style) into {final_dir}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    build_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=cache_dir))
-    try:
-        record = _build(task, recipe, build_dir, console)
-        (build_dir / "recipe.json").write_text(json.dumps({**spec, **record}, indent=2) + "\n")
-        build_dir.chmod(0o755)  # mkdtemp makes it private; a cache may be shared
-        try:
-            os.replace(build_dir, final_dir)
-        except OSError:
-            if not (final_dir / "recipe.json").is_file():  # not a concurrent build: a failure
-                raise
-    finally:
-        shutil.rmtree(build_dir, ignore_errors=True)
-    return final_dir
+
+    def build(out_dir: Path, console: Console) -> None:
+        record = _build(task, recipe, out_dir, console)
+        (out_dir / "recipe.json").write_text(json.dumps({**spec, **record}, indent=2) + "\n")
+
+    return build_cached(final_dir, build, f"{name} model ({recipe.style} style)")
 
 
 @dataclass(frozen=True)

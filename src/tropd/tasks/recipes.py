@@ -380,12 +380,24 @@ def prepare_builtin(task_name: str, role: str, cache_dir: Path | None = None) ->
     if (final_dir / "recipe.json").is_file():
         return final_dir
 
+    return build_cached(
+        final_dir,
+        lambda out_dir, console: _build(task, role, recipe, out_dir, console),
+        f"built-in {task_name} {role}",
+    )
+
+
+def build_cached(final_dir: Path, build: Callable[[Path, Console], None], what: str) -> Path:
+    """Run `build(tmp_dir, console)` in a temporary sibling of `final_dir`, then move it into
+    place with one `os.replace`: an interrupted or concurrent build never leaves a partial
+    folder. `build` must write `recipe.json`, the marker of a complete folder."""
     console = Console(stderr=True)
-    console.log(f"building built-in {task_name} {role} into {final_dir}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    build_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=cache_dir))
+    console.log(f"building {what} into {final_dir}")
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    build_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
     try:
-        _build(task, role, recipe, build_dir, console)
+        build(build_dir, console)
+        build_dir.chmod(0o755)  # mkdtemp makes it private; a cache may be shared
         try:
             os.replace(build_dir, final_dir)
         except OSError:
