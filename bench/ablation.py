@@ -8,8 +8,9 @@ first use and cached). Every method gets the same budget (`tropd.demo.DemoSettin
 steps, prompts, rollouts, lr, gradient clip, top-k) and the same seeds; its own
 options stay at their registry defaults. Accuracy is the verifier on held-out prompts,
 greedy (`eval.temperature=0`), before training (the `student` row) and after the last
-step. A finished run is not run again, so an interrupted study resumes where it
-stopped. Writes to bench/results/ablation/: `results.json` (every run's summary and
+step. Methods listed in `OVERRIDES` also get the rollout settings the README
+recommends for them. A finished run is not run again, so an interrupted study resumes
+where it stopped. Writes to bench/results/ablation/: `results.json` (every run's summary and
 the starting divergence of each setting), `table.md` (mean ± std over seeds),
 `accuracy.png` (final accuracy per method) and `curves_<mismatch>.png` (seed-averaged
 curves), with the runs under `runs/<mismatch>/<method>/seed<k>/`.
@@ -48,7 +49,21 @@ METHODS = (
     "entropy_opd",
     "eopd",
     "reopold",
+    "gkd",
+    "seqkd",
+    "top_d",
+    "trb",
+    "ta_opd",
+    "grpo",
+    "opd_task",
 )
+# The README's recommended settings for the methods whose defaults need the rollout's
+# help: SeqKD trains on whole teacher responses, GKD mixes on-policy and teacher
+# sequences at λ = 0.5 (the paper's default).
+OVERRIDES = {
+    "seqkd": ["guidance.schedule=constant"],
+    "gkd": ["guidance.enabled=true", "guidance.schedule=constant", "guidance.guided_fraction=0.5"],
+}
 MISMATCH = ("none", "mild", "strong")
 SETTINGS = DemoSettings(steps=100, eval_every=50)
 
@@ -61,7 +76,16 @@ def run_one(method: str, mismatch: str, seed: int, pair, settings, out: Path) ->
     if run_dir.exists():  # interrupted: start it again
         shutil.rmtree(run_dir)
     teacher, student = pair
-    config = demo_config(method, teacher, student, settings, run_dir, seed, progress=False)
+    config = demo_config(
+        method,
+        teacher,
+        student,
+        settings,
+        run_dir,
+        seed,
+        progress=False,
+        overrides=OVERRIDES.get(method),
+    )
     started = time.perf_counter()
     train(config)
     summary = {**summarize(run_dir), "wall_s": time.perf_counter() - started}

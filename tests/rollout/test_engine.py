@@ -20,6 +20,7 @@ from tropd.rollout import (
     SamplingParams,
     collect_rollouts,
 )
+from tropd.rollout.engine import sample_tokens
 
 MAX_NEW = 12
 SAMPLES = 3
@@ -464,3 +465,37 @@ def test_guided_fraction_sets_how_many_rollouts_get_a_prefix(
     for p in range(len(PROMPTS)):
         assert int(has_prefix[batch.group == p].sum()) == guided_per_prompt
     assert batch.student_mask.any(-1).all()
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
+def test_cdf_sampler_draws_from_the_recorded_distribution(temperature: float, top_p: float) -> None:
+    """`sample_tokens` draws each token with the probability it records: empirical
+    frequencies over 200k draws match exp(recorded log-prob) within 5 standard errors,
+    tokens outside the nucleus are never drawn, and zero-weight tokens never appear."""
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, float("-inf")])
+    draws = 200_000
+    tokens, recorded = sample_tokens(logits.expand(draws, -1).clone(), temperature, top_p)
+    expected = torch.zeros_like(logits)
+    expected[tokens] = recorded.exp()  # every draw of a token records the same value
+    kept = torch.softmax(logits / temperature, -1)
+    if top_p < 1:
+        ordered, order = kept.sort(descending=True)
+        keep = (ordered.cumsum(0) - ordered < top_p)[order.argsort()]
+        kept = torch.where(keep, kept, 0.0) / kept[keep].sum()
+    torch.testing.assert_close(expected, kept, rtol=1e-5, atol=1e-7)
+    frequency = torch.bincount(tokens, minlength=len(logits)).double() / draws
+    stderr = (kept.double() * (1 - kept.double()) / draws).sqrt()
+    assert bool(((frequency - kept.double()).abs() <= 5 * stderr + 1e-12).all()), frequency
+    assert frequency[kept == 0].sum() == 0
+
+
+def test_cdf_sampler_greedy_and_large_vocabulary_logprobs() -> None:
+    """Temperature 0 is the argmax; on a 50k vocabulary the recorded log-prob equals
+    log_softmax at the drawn token."""
+    torch.manual_seed(1)
+    logits = torch.randn(6, 50_000) * 4
+    token, lp = sample_tokens(logits, 0.0)
+    assert torch.equal(token, logits.argmax(-1))
+    token, lp = sample_tokens(logits, 1.0)
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0])

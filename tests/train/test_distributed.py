@@ -60,7 +60,14 @@ GLOBAL_KEYS = (
     "eval/reverse_kl",
     "eval/response_len",
 )
-TIMING = ("time_rollout_s", "time_step_s")
+TIMING = (
+    "time_generate_s",
+    "time_teacher_s",
+    "time_train_s",
+    "time_optimizer_s",
+    "time_rollout_s",
+    "time_step_s",
+)
 
 
 def write_config(pair, run_dir: Path, *overrides: str) -> Path:

@@ -13,7 +13,14 @@ from tropd.config import ConfigError, load_config
 from tropd.train import loop
 from tropd.train.checkpoint import list_checkpoints
 
-TIMING = ("time_rollout_s", "time_step_s")
+TIMING = (
+    "time_generate_s",
+    "time_teacher_s",
+    "time_train_s",
+    "time_optimizer_s",
+    "time_rollout_s",
+    "time_step_s",
+)
 
 
 @pytest.fixture(scope="module")

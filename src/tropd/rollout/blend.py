@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from tropd.batch import left_pad
-from tropd.rollout.engine import Generation, HFEngine, SamplingParams
+from tropd.rollout.engine import Generation, HFEngine, SamplingParams, decode, top_p_logits
 
 BISECTION_STEPS = 30  # b is found to within 2^-30 of the largest feasible value
 LOGPROB_MIN = -1e4  # log-probs are clamped here so b * (lpT - lpS) stays finite
@@ -67,15 +66,10 @@ def blend_weight(
 
 
 def _top_p(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus truncation of `[N, V]` log-probs: keep the most likely tokens until their
-    mass reaches `top_p` (at least one), renormalise the rest away."""
+    """Nucleus truncation of `[N, V]` log-probs, renormalised (see `top_p_logits`)."""
     if top_p >= 1:
         return logprobs
-    ordered, order = logprobs.sort(dim=-1, descending=True)
-    mass_before = ordered.exp().cumsum(-1) - ordered.exp()
-    drop_sorted = mass_before >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return torch.log_softmax(logprobs.masked_fill(drop, float("-inf")), dim=-1)
+    return torch.log_softmax(top_p_logits(logprobs, top_p), dim=-1)
 
 
 class BlendEngine:
@@ -104,55 +98,14 @@ class BlendEngine:
             return HFEngine(self.student, self.pad_token_id, self.eos_token_id).generate(
                 prompts, params
             )
-        if not prompts:
-            return []
-        per_row = params if isinstance(params, list) else [params] * len(prompts)
-        first = per_row[0]
-        device = next(self.student.parameters()).device
-        inputs, attention = left_pad(prompts, self.pad_token_id)
-        inputs, attention = inputs.to(device), attention.to(device)
-
-        models = (self.student, self.teacher)
-        modes = [m.training for m in models]
-        for m in models:
-            m.eval()
-        caches: list = [None, None]
-        finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        tokens, logprobs = [], []
-        for _ in range(max(p.max_new_tokens for p in per_row)):
-            positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1] :]
-            logits = []
-            for i, model in enumerate(models):
-                out = model(
-                    input_ids=inputs,
-                    attention_mask=attention,
-                    position_ids=positions,
-                    past_key_values=caches[i],
-                    use_cache=True,
-                )
-                caches[i] = out.past_key_values
-                logits.append(out.logits[:, -1].float())
-            token, logprob = self._sample(*logits, first)
-            tokens.append(token)
-            logprobs.append(logprob)
-            finished |= token == self.eos_token_id
-            if finished.all():
-                break
-            inputs = token[:, None]
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-        for m, mode in zip(models, modes, strict=True):
-            m.train(mode)
-
-        new = torch.stack(tokens, 1).cpu()
-        recorded = torch.stack(logprobs, 1).cpu()
-        results = []
-        for i, p in enumerate(per_row):
-            row = new[i, : p.max_new_tokens].tolist()
-            stop = row.index(self.eos_token_id) + 1 if self.eos_token_id in row else len(row)
-            results.append(
-                Generation(row[:stop], recorded[i, :stop].tolist(), self.eos_token_id in row[:stop])
-            )
-        return results
+        return decode(
+            [self.student, self.teacher],
+            prompts,
+            params,
+            self.pad_token_id,
+            self.eos_token_id,
+            lambda logits, p: self._sample(*logits, p),
+        )
 
     def _sample(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, params: SamplingParams

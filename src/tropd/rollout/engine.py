@@ -1,8 +1,9 @@
-"""Generation engines. One interface, `Engine.generate`; the embedded default runs
-Hugging Face `generate` (batched, KV cache) on the model in this process."""
+"""Generation engines. One interface, `Engine.generate`; the embedded default samples
+from a Hugging Face causal LM in this process (batched, KV cache, `decode`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,11 +36,14 @@ class Engine(Protocol):
 
 
 class HFEngine:
-    """`model.generate` on left-padded prompts, recording the sampler's log-probs.
+    """Batched sampling from a Hugging Face causal LM with its KV cache, recording the
+    sampler's log-probs.
 
-    The recorded log-prob is taken from the processed scores (after temperature and
-    top-p), i.e. the distribution the token was drawn from; with temperature 1 and
-    top_p 1 that is the student's own log-prob. No extra forward pass is needed.
+    The recorded log-prob is that of the distribution the token was drawn from (after
+    temperature and top-p), i.e. with temperature 1 and top_p 1 the model's own log-prob;
+    no extra forward pass is needed. Tokens are drawn by inverting the CDF of the
+    unnormalised weights (`sample_tokens`): one exp, one cumsum and a binary search per
+    step, a fraction of the cost of `torch.multinomial` over a large vocabulary on CPU.
     """
 
     def __init__(self, model, pad_token_id: int, eos_token_id: int):
@@ -49,57 +53,126 @@ class HFEngine:
     def generate(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
     ) -> list[Generation]:
-        synced = _sharded(self.model)
-        if not prompts:
-            if not synced:
-                return []
-            # Each forward of a sharded model is a collective, so a rank with nothing to
-            # generate still joins in, with one short dummy generation.
-            return self.generate([[self.pad_token_id]], SamplingParams(1))[:0]
-        per_row = params if isinstance(params, list) else [params] * len(prompts)
-        budget = max(p.max_new_tokens for p in per_row)
-        first = per_row[0]
-        device = next(self.model.parameters()).device
-        input_ids, attention = left_pad(prompts, self.pad_token_id)
-        width = input_ids.shape[1]
-        sample = first.temperature > 0
-        extra = (
-            {"temperature": first.temperature, "top_p": first.top_p, "top_k": 0} if sample else {}
-        )
-        was_training = self.model.training
-        self.model.eval()
-        out = self.model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            max_new_tokens=budget,
-            do_sample=sample,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_id,
-            synced_gpus=synced,  # ranks of a sharded model step together until all finish
-            output_scores=True,
-            return_dict_in_generate=True,
-            **extra,
-        )
-        self.model.train(was_training)
-        new = out.sequences[:, width:].cpu()
-        logprobs = torch.stack(
-            [
-                torch.log_softmax(s.float(), -1)
-                .gather(-1, new[:, t, None].to(s.device))
-                .squeeze(-1)
-                .cpu()
-                for t, s in enumerate(out.scores)
-            ],
-            dim=1,
-        )
-        results = []
-        for i, p in enumerate(per_row):
-            row = new[i, : p.max_new_tokens].tolist()
-            stop = row.index(self.eos_token_id) + 1 if self.eos_token_id in row else len(row)
-            results.append(
-                Generation(row[:stop], logprobs[i, :stop].tolist(), self.eos_token_id in row[:stop])
+        def pick(logits: list[torch.Tensor], p: SamplingParams):
+            return sample_tokens(logits[0], p.temperature, p.top_p)
+
+        return decode([self.model], prompts, params, self.pad_token_id, self.eos_token_id, pick)
+
+
+Picker = Callable[[list[torch.Tensor], SamplingParams], tuple[torch.Tensor, torch.Tensor]]
+
+
+def decode(
+    models: list,
+    prompts: list[list[int]],
+    params: SamplingParams | list[SamplingParams],
+    pad_token_id: int,
+    eos_token_id: int,
+    pick: Picker,
+) -> list[Generation]:
+    """The token-by-token loop every local engine shares: left-padded prompts run
+    through each model with its own KV cache (positions counted from each prompt's first
+    real token), `pick(last_logits, params)` turns the models' fp32 next-token logits
+    `[N, V]` into `(tokens [N], recorded log-probs [N])`, and each row is cut after its
+    EOS or its own budget. The loop stops when every row has finished; ranks of a sharded
+    model instead run the same number of steps (each forward is a collective), and a rank
+    without prompts joins with one dummy row."""
+    synced = any(_sharded(m) for m in models)
+    if not prompts and not synced:
+        return []
+    per_row = params if isinstance(params, list) else [params] * len(prompts)
+    budget = max((p.max_new_tokens for p in per_row), default=0)
+    if synced:
+        budget = _max_over_ranks(budget, models[0])
+    first = per_row[0] if per_row else SamplingParams(budget)
+    device = next(models[0].parameters()).device
+    inputs, attention = left_pad(prompts or [[pad_token_id]], pad_token_id)
+    inputs, attention = inputs.to(device), attention.to(device)
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    caches: list = [None] * len(models)
+    finished = torch.zeros(len(inputs), dtype=torch.bool, device=device)
+    tokens, logprobs = [], []
+    for _ in range(budget):
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1] :]
+        logits = []
+        for i, model in enumerate(models):
+            out = model(
+                input_ids=inputs,
+                attention_mask=attention,
+                position_ids=positions,
+                past_key_values=caches[i],
+                use_cache=True,
+                logits_to_keep=1,
             )
-        return results
+            caches[i] = out.past_key_values
+            logits.append(out.logits[:, -1].float())
+        token, logprob = pick(logits, first)
+        tokens.append(token)
+        logprobs.append(logprob)
+        finished |= token == eos_token_id
+        if finished.all() and not synced:
+            break
+        inputs = token[:, None]
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+    for m, mode in zip(models, modes, strict=True):
+        m.train(mode)
+    if not prompts:
+        return []
+    new = torch.stack(tokens, 1).cpu()
+    recorded = torch.stack(logprobs, 1).float().cpu()
+    results = []
+    for i, p in enumerate(per_row):
+        row = new[i, : p.max_new_tokens].tolist()
+        stop = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
+        results.append(
+            Generation(row[:stop], recorded[i, :stop].tolist(), eos_token_id in row[:stop])
+        )
+    return results
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of fp32 `logits [N, V]` and its log-prob under the distribution
+    it was drawn from: softmax(logits / temperature), truncated to the top-p nucleus and
+    renormalised. Temperature 0 takes the argmax and records the untempered log-prob.
+
+    Sampling inverts the CDF: `u ~ U(0, total)` against the running sum of
+    `exp(logits - max)`, found by binary search; a token of weight 0 is never drawn."""
+    if temperature == 0:
+        token = logits.argmax(-1)
+        return token, logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    if temperature != 1:
+        logits = logits / temperature
+    if top_p < 1:
+        logits = top_p_logits(logits, top_p)
+    peak = logits.amax(-1, keepdim=True)
+    weights = (logits - peak).exp_()
+    cdf = weights.cumsum(-1)
+    draw = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    token = torch.searchsorted(cdf, draw, right=True).clamp_(max=cdf.shape[-1] - 1)
+    # Rounding can put the draw on the very end of the CDF, past a last token of weight 0.
+    token = torch.where(weights.gather(-1, token) > 0, token, weights.argmax(-1, keepdim=True))
+    logprob = logits.gather(-1, token) - peak - weights.sum(-1, keepdim=True).log()
+    return token.squeeze(-1), logprob.squeeze(-1)
+
+
+def top_p_logits(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus truncation of `[N, V]` logits (or log-probs): keep the most likely tokens
+    until their mass reaches `top_p` (at least one); the rest become -inf."""
+    ordered, order = logits.sort(dim=-1, descending=True)
+    probs = ordered.softmax(-1)
+    drop_sorted = probs.cumsum(-1) - probs >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _max_over_ranks(value: int, model) -> int:
+    total = torch.tensor([value], device=next(model.parameters()).device)
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX)
+    return int(total)
 
 
 def _sharded(model) -> bool:

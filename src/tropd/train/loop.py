@@ -120,8 +120,9 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     batch, cap = rollout(setup, prompts, step, rank, world_size)
     if setup.objective.needs_reward:
         batch = batch.replace(reward=verify(setup, batch, prompt_items))
+    generated = time.perf_counter()
     batch = score_teacher(setup, batch)
-    rollout_s = time.perf_counter() - tic
+    scored = time.perf_counter()
 
     student.train()
     setup.optimizer.zero_grad(set_to_none=True)
@@ -144,6 +145,7 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
         (out.loss * world_size).backward()
         metrics.append((len(micro), out.metrics))
     loss = distributed.all_reduce_sum(float(torch.stack(losses).sum()))
+    trained = time.perf_counter()
     clip = config.optim.grad_clip or math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip))
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -162,8 +164,14 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     stats = {**weighted_mean(metrics), **rollout_stats(batch, cap)}
     record.update(distributed.mean_over_ranks(stats, len(batch)))
     record["lr"] = setup.scheduler.get_last_lr()[0]
-    record["time_rollout_s"] = rollout_s
+    # Phase split: sampling (and the verifier), teacher scoring, student forward and
+    # backward, optimizer (clipping, update, bookkeeping).
+    record["time_generate_s"] = generated - tic
+    record["time_teacher_s"] = scored - generated
+    record["time_train_s"] = trained - scored
+    record["time_rollout_s"] = scored - tic
     record["time_step_s"] = time.perf_counter() - tic
+    record["time_optimizer_s"] = record["time_step_s"] - (trained - tic)
     record["samples"] = sample_log(batch, setup.tokenizer, config.run.log_samples)
     return record
 
