@@ -161,6 +161,13 @@ class OptimConfig(_Section):
     micro_batch_size: int = Field(
         8, gt=0, description="sequences per forward/backward (gradient accumulation)"
     )
+    head_chunk: int = Field(
+        1024,
+        ge=0,
+        description="response positions per chunk of the student's LM head in the training "
+        "forward, so no [B, T, V] logits exist; 0: plain full logits. Used when the objective "
+        "and model allow it (see README, Performance)",
+    )
 
 
 class DistributedConfig(_Section):

@@ -1,7 +1,9 @@
 """The objective registry: `get_objective(name, **options)` and `list_objectives()`.
 
 An objective is called as `obj(student_logits, batch)` with `student_logits [B, T, V]`
-aligned with `batch.tokens` (see `tropd.batch.align_logits`) and returns an
+aligned with `batch.tokens` (see `tropd.batch.align_logits`), or, where
+`obj.chunked_head`, a `HeadLogits` holding hidden states and the LM head (the training
+loop's fast path: no `[B, T, V]` tensor), and returns an
 `ObjectiveOutput` with `.loss` (scalar), `.token_loss` (`[B, T]`, zero where not
 trained) and `.metrics` (`dict[str, float]`).
 """
@@ -40,6 +42,9 @@ class Method:
     trains_student: bool = True  # whether student tokens are trained (and counted)
     rollout: str = "student"  # "blend": rollouts come from `tropd.rollout.blend.BlendEngine`
     checks: dict[str, tuple[Callable[[Any], bool], str]] = field(default_factory=dict)
+    # Whether the rule reads the student only through `token_logprobs` and `entropy`, so
+    # the loop may pass a `HeadLogits` (chunked LM head) instead of `[B, T, V]` logits.
+    chunked_head: bool = True
 
 
 _COMMON = {"loss_agg": "token_mean"}
@@ -143,6 +148,7 @@ REGISTRY: dict[str, Method] = {
         {"beta": 0.5, **_COMMON},
         "β·Σ_top-k π_T log(π_T/M) + (1−β)·PG of log(π_S/M), M = βπ_T + (1−β)π_S",
         _TROPD_PAPER + " (JSD baseline)",
+        chunked_head=False,
         choices={"loss_agg": LOSS_AGGS},
         checks={"beta": (lambda v: 0 < v < 1, "must be in (0, 1)")},
     ),
@@ -152,6 +158,7 @@ REGISTRY: dict[str, Method] = {
         "generalized JSD(β) over the vocabulary (top-k + remainder bucket) at every response token",
         "GKD, Agarwal et al., arXiv 2306.13649",
         trains_prefix=True,
+        chunked_head=False,
         choices={"loss_agg": LOSS_AGGS},
     ),
     "seqkd": Method(
@@ -191,6 +198,7 @@ REGISTRY: dict[str, Method] = {
         },
         "OPD only on the top ρ by quantile(D_t)·quantile(C_t) (teachability)",
         "TA-OPD, arXiv 2605.26844",
+        chunked_head=False,
         choices={"loss_agg": LOSS_AGGS},
     ),
     "grpo": Method(
@@ -232,6 +240,11 @@ class Objective:
     @property
     def needs_reward(self) -> bool:
         return self.method.needs_reward
+
+    @property
+    def chunked_head(self) -> bool:
+        """Whether it accepts a `tropd.objectives.head.HeadLogits` for the logits."""
+        return self.method.chunked_head
 
     def trained_mask(self, batch: TokenBatch) -> torch.Tensor:
         """`[B, T]` bool: the tokens this method's aggregation counts."""

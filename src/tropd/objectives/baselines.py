@@ -49,7 +49,7 @@ def _logprobs_and_reward(student_logits, batch: TokenBatch):
 
 def _student_entropy(student_logits: torch.Tensor) -> torch.Tensor:
     """`[B, T]` entropy (nats) of the student's distribution at each position, no grad."""
-    return entropy(student_logits.detach(), ENTROPY_CHUNK)
+    return entropy(student_logits, ENTROPY_CHUNK)  # no_grad already
 
 
 def _teacher_topk(batch: TokenBatch, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,12 +12,17 @@ import math
 
 import torch
 
+from tropd.objectives.head import HeadLogits
+
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[ids] without materialising the `[B, T, V]` log-softmax.
 
-    logits `[B, T, V]`; ids `[B, T]` or `[B, T, K]`; returns the shape of `ids`, fp32.
+    logits `[B, T, V]` (or a `HeadLogits`); ids `[B, T]` or `[B, T, K]`; returns the
+    shape of `ids`, fp32.
     """
+    if isinstance(logits, HeadLogits):
+        return logits.token_logprobs(ids)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     lse = torch.logsumexp(logits, dim=-1)
     if ids.dim() == logits.dim() - 1:
@@ -30,8 +35,11 @@ def entropy(logits: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor
     """Entropy in nats of softmax(logits) over the last axis: `[..., V]` -> `[...]`.
 
     With `chunk_size`, positions are processed that many at a time, so the temporaries
-    are `[chunk_size, V]` instead of the size of `logits`.
+    are `[chunk_size, V]` instead of the size of `logits`. A `HeadLogits` gives the
+    entropy it took in its log-prob pass.
     """
+    if isinstance(logits, HeadLogits):
+        return logits.entropy()
     if chunk_size is not None:
         flat = logits.reshape(-1, logits.shape[-1])
         parts = [entropy(part) for part in flat.split(chunk_size)]
@@ -87,6 +95,7 @@ def topk_forward_kl(
     topk_ids: torch.Tensor,
     topk_teacher_logprobs: torch.Tensor,
     logprob_floor: float,
+    student_topk: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k forward KL `sum_{v in V_k} pi_T(v) (lpT_v - max(lpS_v, floor))`.
 
@@ -95,9 +104,11 @@ def topk_forward_kl(
     log-probs are clamped at `logprob_floor` so a token the student gives no mass cannot
     make the term diverge; the clamp passes no gradient where it binds.
     Returns `(kl [B, T], floor_hits [B, T])`, the latter the fraction of the K ids whose
-    student log-prob was clamped.
+    student log-prob was clamped. `student_topk [B, T, K]`: the student's log-probs at
+    `topk_ids` when the caller already has them (`student_logits` is then not read).
     """
-    student_topk = token_logprobs(student_logits, topk_ids)
+    if student_topk is None:
+        student_topk = token_logprobs(student_logits, topk_ids)
     floored = student_topk < logprob_floor
     clamped = torch.clamp(student_topk, min=logprob_floor)
     teacher_logprobs = topk_teacher_logprobs.to(clamped.dtype)

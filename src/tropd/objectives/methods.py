@@ -48,7 +48,14 @@ def tropd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, ste
     Teacher-prefix tokens: `beta * (lpT - lpS)`.
     """
     student, teacher = batch.student_mask, batch.teacher_mask
-    lp_student = token_logprobs(student_logits, batch.tokens)
+    outlier = opt["outlier"]
+    student_topk = None
+    if outlier == "fkl":  # one pass over the vocabulary for the token and the top-k ids
+        ids = torch.cat([batch.tokens[..., None], batch.teacher_topk_ids], dim=-1)
+        both = token_logprobs(student_logits, ids)
+        lp_student, student_topk = both[..., 0], both[..., 1:]
+    else:
+        lp_student = token_logprobs(student_logits, batch.tokens)
     lq = batch.sampler_logprobs.float()
     reward = _student_reward(batch)
     weight = trust_weight(reward, opt["trust_gate"], opt["tau"], batch.trust_mask, generator)
@@ -59,13 +66,13 @@ def tropd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, ste
         "trust_fraction": (weight, student),
         "outlier_fraction": (1 - weight, student),
     }
-    outlier = opt["outlier"]
     if outlier == "fkl":
         outlier_loss, floor_hits = topk_forward_kl(
             student_logits,
             batch.teacher_topk_ids,
             batch.teacher_topk_logprobs,
             opt["logprob_floor"],
+            student_topk,
         )
         outlier_tokens = student & (weight < 1)
         metrics["fkl_outlier"] = (outlier_loss.detach(), outlier_tokens)

@@ -77,7 +77,7 @@ def decode(
     EOS or its own budget. The loop stops when every row has finished; ranks of a sharded
     model instead run the same number of steps (each forward is a collective), and a rank
     without prompts joins with one dummy row."""
-    synced = any(_sharded(m) for m in models)
+    synced = any(is_sharded(m) for m in models)
     if not prompts and not synced:
         return []
     per_row = params if isinstance(params, list) else [params] * len(prompts)
@@ -175,7 +175,7 @@ def _max_over_ranks(value: int, model) -> int:
     return int(total)
 
 
-def _sharded(model) -> bool:
+def is_sharded(model) -> bool:
     """Whether `model` is sharded over processes (FSDP2), so that all ranks must run each
     of its forward passes together."""
     if not torch.distributed.is_available():

@@ -21,8 +21,10 @@ from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch, align_logits
 from tropd.config import Config, ConfigError, save_config
 from tropd.models import load_model, load_tokenizer, read_vocab_size, resolve_model_path
 from tropd.objectives import Objective, get_objective
+from tropd.objectives.head import HeadLogits, chunked_head_supported
 from tropd.rollout import GuidancePlan, HFEngine, SamplingParams, collect_rollouts, prefix_cap
 from tropd.rollout.blend import BlendEngine, blend_budget
+from tropd.rollout.engine import is_sharded
 from tropd.tasks import get_task
 from tropd.tasks.chat import encode_prompt
 from tropd.teacher import score_batch
@@ -51,6 +53,7 @@ class Setup:
     eval_items: list
     eval_prompts: list[list[int]]
     student_ddp: Any = None  # multi-process DDP runs: the wrapper training forwards go through
+    chunked_head: bool = False  # training forwards use `HeadLogits` (see `student_logits`)
     vllm: Any = None  # rollout.engine: vllm, the engine sampling the student (own weights copy)
 
 
@@ -134,9 +137,7 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     losses, metrics = [], []
     for begin in range(0, len(batch), size):
         micro = batch.select(slice(begin, begin + size)).trim()
-        logits = align_logits(
-            forward(input_ids=micro.tokens, attention_mask=micro.attention_mask).logits
-        )
+        logits = student_logits(setup, forward, micro)
         out = setup.objective(logits, micro, denominator=denominator, generator=gate, step=step)
         losses.append(out.loss.detach())
         if not torch.isfinite(out.loss) and world_size == 1:
@@ -174,6 +175,25 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     record["time_optimizer_s"] = record["time_step_s"] - (trained - tic)
     record["samples"] = sample_log(batch, setup.tokenizer, config.run.log_samples)
     return record
+
+
+def student_logits(setup: Setup, forward, micro: TokenBatch):
+    """The student's logits for the objective: a `HeadLogits` (hidden states and the LM
+    head, evaluated chunk by chunk at response positions) on the fast path, else the
+    aligned `[B, T, V]` logits. The forward goes through `forward` (the DDP wrapper when
+    there is one) either way; on the fast path it keeps the logits of one position only."""
+    if not setup.chunked_head:
+        out = forward(input_ids=micro.tokens, attention_mask=micro.attention_mask)
+        return align_logits(out.logits)
+    out = forward(
+        input_ids=micro.tokens,
+        attention_mask=micro.attention_mask,
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
+    head = setup.student.get_output_embeddings()
+    chunk = setup.config.optim.head_chunk
+    return HeadLogits(out.hidden_states[-1], head.weight, head.bias, micro.response_mask, chunk)
 
 
 def rollout(
@@ -341,11 +361,15 @@ def build(config: Config, run_dir: Path) -> Setup:
         teacher = load_model(m.teacher, m.dtype, m.device)
         teacher.requires_grad_(False).eval()
     o = config.optim
+    trained = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [p for p in student.parameters() if p.requires_grad],
+        trained,
         lr=o.lr,
         betas=o.betas,
         weight_decay=o.weight_decay,
+        # One fused kernel over all tensors (several times faster than the per-tensor
+        # loop on CPU); sharded (DTensor) parameters keep the default implementation.
+        fused=not is_sharded(student) and all(p.is_floating_point() for p in trained) or None,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, o.warmup_steps, config.run.steps, o.schedule)
@@ -358,6 +382,12 @@ def build(config: Config, run_dir: Path) -> Setup:
     def encode(items: list) -> list[list[int]]:
         return [encode_prompt(tokenizer, item, config.task.system_prompt) for item in items]
 
+    chunked = (
+        config.optim.head_chunk > 0
+        and objective.chunked_head
+        and not is_sharded(student)
+        and chunked_head_supported(student)
+    )
     return Setup(
         config,
         run_dir,
@@ -372,8 +402,9 @@ def build(config: Config, run_dir: Path) -> Setup:
         encode(train_items),
         eval_items,
         encode(eval_items),
-        student_ddp,
-        vllm,
+        student_ddp=student_ddp,
+        vllm=vllm,
+        chunked_head=chunked,
     )
 
 

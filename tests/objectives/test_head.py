@@ -1,0 +1,154 @@
+"""The chunked LM head (`HeadLogits`, the training loop's fast path) computes the same
+losses, metrics and gradients as the plain `[B, T, V]` logits, for every method that
+accepts it, on a real rolled-out and teacher-scored batch (teacher prefixes included)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tropd.batch import align_logits
+from tropd.config import load_config
+from tropd.objectives import REGISTRY, get_objective, list_objectives
+from tropd.objectives.head import HeadLogits, chunked_head_supported
+from tropd.train import loop
+
+FAST = [name for name in list_objectives() if REGISTRY[name].chunked_head]
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_pair, tmp_path_factory):
+    """(setup, batch): 3 prompts × 2 rollouts, half of them guided, scored with top-8."""
+    teacher, student = tiny_pair
+    config = load_config(
+        None,
+        [
+            f"model.teacher={teacher}",
+            f"model.student={student}",
+            f"run.output_dir={tmp_path_factory.mktemp('run')}",
+            "run.progress=false",
+            "run.steps=4",
+            "rollout.prompts_per_step=3",
+            "rollout.samples_per_prompt=2",
+            "rollout.max_new_tokens=7",
+            "teacher.top_k=8",
+            "guidance.enabled=true",
+            "guidance.schedule=constant",
+            "guidance.guided_fraction=0.5",
+            "optim.head_chunk=5",
+        ],
+    )
+    setup = loop.build(config, tmp_path_factory.mktemp("dir"))
+    torch.manual_seed(0)
+    batch, _ = loop.rollout(setup, setup.train_prompts[:3], step=1)
+    batch = loop.score_teacher(setup, batch)
+    reward = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    batch = batch.replace(reward=reward)
+    assert bool(batch.teacher_mask.any()) and bool(batch.student_mask.any())
+    return setup, batch
+
+
+def _loss_and_grads(setup, batch, objective, fast: bool):
+    student = setup.student
+    student.zero_grad(set_to_none=True)
+    setup.chunked_head = fast
+    logits = loop.student_logits(setup, student, batch)
+    assert isinstance(logits, HeadLogits) == fast
+    gate = torch.Generator().manual_seed(3)
+    out = objective(logits, batch, generator=gate, step=2)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_fast_path_matches_full_logits(scored, name: str) -> None:
+    setup, batch = scored
+    objective = get_objective(name)
+    slow, slow_grads = _loss_and_grads(setup, batch, objective, fast=False)
+    fast, fast_grads = _loss_and_grads(setup, batch, objective, fast=True)
+    torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.token_loss, slow.token_loss, rtol=1e-5, atol=1e-6)
+    assert fast.metrics.keys() == slow.metrics.keys()
+    for key in slow.metrics:
+        assert fast.metrics[key] == pytest.approx(slow.metrics[key], rel=1e-5, abs=1e-6), key
+    assert fast_grads.keys() == slow_grads.keys() and slow_grads
+    for key, grad in slow_grads.items():
+        torch.testing.assert_close(fast_grads[key], grad, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_head_logits_values_match_the_model(scored) -> None:
+    """Log-probs and entropy at response positions equal log_softmax of the model's own
+    logits; positions outside the response hold 0; every chunk size agrees."""
+    setup, batch = scored
+    student = setup.student
+    with torch.no_grad():
+        full = align_logits(
+            student(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits
+        )
+        hidden = student(
+            input_ids=batch.tokens, attention_mask=batch.attention_mask, output_hidden_states=True
+        ).hidden_states[-1]
+    head = student.get_output_embeddings()
+    expected = torch.log_softmax(full, -1).gather(-1, batch.tokens[..., None])[..., 0]
+    expected = torch.where(batch.response_mask, expected, 0.0)
+    logprobs = torch.log_softmax(full, -1)
+    ent = torch.where(batch.response_mask, -(logprobs.exp() * logprobs).sum(-1), 0.0)
+    for chunk in (1, 4, 1000):
+        view = HeadLogits(hidden, head.weight, head.bias, batch.response_mask, chunk)
+        torch.testing.assert_close(view.token_logprobs(batch.tokens), expected)
+        torch.testing.assert_close(view.entropy(), ent)
+        assert view.shape == full.shape
+        torch.testing.assert_close(
+            view.logits(), torch.where(batch.response_mask[..., None], full, 0.0)
+        )
+
+
+def test_chunked_head_gradient_matches_autograd_with_a_bias() -> None:
+    """The hand-written backward (states, weight and bias) against autograd through
+    log_softmax, for a head with a bias and gathered ids that repeat."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    positions = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    ids = torch.randint(0, 11, (2, 5, 3))
+    ids[..., 1] = ids[..., 0]  # the same id twice in one row
+    upstream = torch.randn(2, 5, 3, dtype=torch.float64)
+
+    view = HeadLogits(hidden, weight, bias, positions, chunk_size=2)
+    (view.token_logprobs(ids) * upstream).sum().backward()
+    fast = [t.grad.clone() for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    logits = align_logits(torch.nn.functional.linear(hidden, weight, bias))
+    plain = torch.log_softmax(logits, -1).gather(-1, ids) * positions[..., None]
+    (plain * upstream).sum().backward()
+    for got, t in zip(fast, (hidden, weight, bias), strict=True):
+        torch.testing.assert_close(got, t.grad)
+
+
+def test_loop_takes_the_fast_path_only_where_it_is_exact(scored, tiny_pair, tmp_path) -> None:
+    setup, _ = scored
+    assert chunked_head_supported(setup.student)
+    teacher, student = tiny_pair
+    base = [f"model.teacher={teacher}", f"model.student={student}", "teacher.top_k=8"]
+    cases = {("opd", 1024): True, ("opd", 0): False, ("gkd", 1024): False}
+    for (name, chunk), expected in cases.items():
+        config = load_config(None, [*base, f"objective.name={name}", f"optim.head_chunk={chunk}"])
+        assert loop.build(config, tmp_path).chunked_head is expected, (name, chunk)
+
+    class Scaled(torch.nn.Module):  # logits the head alone does not give
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def get_output_embeddings(self):
+            return self.model.get_output_embeddings()
+
+        def forward(self, **kwargs):
+            out = self.model(**kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    assert not chunked_head_supported(Scaled(setup.student))
