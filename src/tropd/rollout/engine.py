@@ -151,10 +151,12 @@ def sample_tokens(
     peak = logits.amax(-1, keepdim=True)
     weights = (logits - peak).exp_()
     cdf = weights.cumsum(-1)
-    draw = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-    token = torch.searchsorted(cdf, draw, right=True).clamp_(max=cdf.shape[-1] - 1)
-    # Rounding can put the draw on the very end of the CDF, past a last token of weight 0.
-    token = torch.where(weights.gather(-1, token) > 0, token, weights.argmax(-1, keepdim=True))
+    total = cdf[:, -1:]
+    draw = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * total
+    # Strictly below the total, so the first CDF entry above the draw exists and is a
+    # step up: a token of positive weight.
+    draw = torch.minimum(draw, torch.nextafter(total, torch.zeros_like(total)))
+    token = torch.searchsorted(cdf, draw, right=True)
     logprob = logits.gather(-1, token) - peak - weights.sum(-1, keepdim=True).log()
     return token.squeeze(-1), logprob.squeeze(-1)
 
