@@ -45,6 +45,10 @@ class Method:
     # Whether the rule reads the student only through `token_logprobs` and `entropy`, so
     # the loop may pass a `HeadLogits` (chunked LM head) instead of `[B, T, V]` logits.
     chunked_head: bool = True
+    # Whether the rule reads the teacher's top-k (`teacher_topk_*`), given the options,
+    # and its entropy: scoring skips what no one reads.
+    teacher_topk: Callable[[dict[str, Any]], bool] = lambda options: True
+    teacher_entropy: bool = False
 
 
 _COMMON = {"loss_agg": "token_mean"}
@@ -60,12 +64,22 @@ _TROPD = {
 _TROPD_CHOICES = {"trust_gate": TRUST_GATES, "outlier": OUTLIERS, "loss_agg": LOSS_AGGS}
 _TROPD_PAPER = "Xing et al. 2026, arXiv 2606.01249"
 
+
+def _NO_TOPK(options: dict[str, Any]) -> bool:
+    return False
+
+
+def _FKL_OUTLIERS(options: dict[str, Any]) -> bool:
+    return options["outlier"] == "fkl"
+
+
 REGISTRY: dict[str, Method] = {
     "opd": Method(
         methods.opd,
         {"kl_coef": 1.0, "ppo_clip": None, "gamma": 0.0, **_COMMON},
         "-exp(lpS-lq)·r_t, r_t = lpT-lq, on student tokens",
         "Thinking Machines, On-Policy Distillation (2025)",
+        teacher_topk=_NO_TOPK,
         choices={"loss_agg": LOSS_AGGS},
     ),
     "tropd": Method(
@@ -75,6 +89,7 @@ REGISTRY: dict[str, Method] = {
         _TROPD_PAPER,
         guidance=True,
         trains_prefix=True,
+        teacher_topk=_FKL_OUTLIERS,
         choices=_TROPD_CHOICES,
     ),
     "fkl_outlier": Method(
@@ -83,6 +98,7 @@ REGISTRY: dict[str, Method] = {
         "TrOPD's trust gate and top-k FKL outliers, no teacher prefixes",
         _TROPD_PAPER,
         trains_prefix=True,
+        teacher_topk=_FKL_OUTLIERS,
         choices=_TROPD_CHOICES,
     ),
     "mask_outlier": Method(
@@ -91,6 +107,7 @@ REGISTRY: dict[str, Method] = {
         "OPD only on tokens with r_t > τ",
         _TROPD_PAPER,
         trains_prefix=True,
+        teacher_topk=_FKL_OUTLIERS,
         choices=_TROPD_CHOICES,
     ),
     "clip_outlier": Method(
@@ -99,6 +116,7 @@ REGISTRY: dict[str, Method] = {
         "OPD with reward max(r_t, τ) (REOPOLD's clip)",
         _TROPD_PAPER,
         trains_prefix=True,
+        teacher_topk=_FKL_OUTLIERS,
         choices=_TROPD_CHOICES,
     ),
     "topk_fkl": Method(
@@ -113,6 +131,7 @@ REGISTRY: dict[str, Method] = {
         {"rho": 0.2, "kl_coef": 1.0, "ppo_clip": None, **_COMMON},
         "OPD only on the top ρ of student tokens by student entropy",
         _TROPD_PAPER + " (Entropy-OPD baseline)",
+        teacher_topk=_NO_TOPK,
         choices={"loss_agg": LOSS_AGGS},
     ),
     "eopd": Method(
@@ -127,6 +146,7 @@ REGISTRY: dict[str, Method] = {
         },
         "PPO-clipped OPD + top-k FKL where the teacher's entropy > τ",
         "EOPD, arXiv 2603.07079",
+        teacher_entropy=True,
         choices={"loss_agg": LOSS_AGGS},
     ),
     "reopold": Method(
@@ -141,6 +161,7 @@ REGISTRY: dict[str, Method] = {
         },
         "OPD with reward max(r_t, log(λ/(1−λ))) on the top-β by student entropy",
         "REOPOLD, Ko et al. 2026, arXiv 2603.11137",
+        teacher_topk=_NO_TOPK,
         choices={"selection": ("entropy", "reward", "two_stage"), "loss_agg": LOSS_AGGS},
     ),
     "jsd_topk": Method(
@@ -169,6 +190,7 @@ REGISTRY: dict[str, Method] = {
         guidance=True,
         trains_prefix=True,
         trains_student=False,
+        teacher_topk=_NO_TOPK,
         choices={"loss_agg": LOSS_AGGS},
     ),
     "top_d": Method(
@@ -176,6 +198,7 @@ REGISTRY: dict[str, Method] = {
         {"alpha": 0.1, "ppo_clip": 0.2, **_COMMON},
         "reward log(α·e^r + 1 − α), length-normalised return, group z-score, PPO clip",
         "TOP-D, arXiv 2607.04751",
+        teacher_topk=_NO_TOPK,
         choices={"loss_agg": LOSS_AGGS},
     ),
     "trb": Method(
@@ -184,6 +207,7 @@ REGISTRY: dict[str, Method] = {
         "reverse-KL OPD on rollouts from π_S^(1−b)·π_T^b, KL(μ‖π_S) ≤ ε_k annealed to 0",
         "TRB, Plyusov et al. 2026, arXiv 2605.31159",
         rollout="blend",
+        teacher_topk=_NO_TOPK,
         choices={"loss_agg": LOSS_AGGS},
     ),
     "ta_opd": Method(
@@ -207,6 +231,7 @@ REGISTRY: dict[str, Method] = {
         "−ratio·A, A = group-normalised verifier reward (no teacher)",
         "GRPO (Shao et al. 2024), the RL baseline of Thinking Machines' OPD post",
         needs_reward=True,
+        teacher_topk=_NO_TOPK,
         choices={"loss_agg": LOSS_AGGS},
     ),
     "opd_task": Method(
@@ -215,6 +240,7 @@ REGISTRY: dict[str, Method] = {
         "OPD with advantage A_task + kl_coef·r_t (A_task: group-normalised verifier reward)",
         "Thinking Machines, On-Policy Distillation (2025)",
         needs_reward=True,
+        teacher_topk=_NO_TOPK,
         choices={"loss_agg": LOSS_AGGS},
     ),
 }
@@ -242,8 +268,18 @@ class Objective:
         return self.method.needs_reward
 
     @property
+    def teacher_topk(self) -> bool:
+        """Whether the rule reads the teacher's top-k ids and log-probs."""
+        return self.method.teacher_topk(self.options)
+
+    @property
+    def teacher_entropy(self) -> bool:
+        """Whether the rule reads the teacher's entropy."""
+        return self.method.teacher_entropy
+
+    @property
     def chunked_head(self) -> bool:
-        """Whether it accepts a `tropd.objectives.head.HeadLogits` for the logits."""
+        """Whether it accepts a `tropd.head.HeadLogits` for the logits."""
         return self.method.chunked_head
 
     def trained_mask(self, batch: TokenBatch) -> torch.Tensor:

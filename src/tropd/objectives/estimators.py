@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from tropd.objectives.head import HeadLogits
+from tropd.head import HeadLogits
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

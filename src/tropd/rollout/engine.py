@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 
 from tropd.batch import left_pad
+from tropd.head import chunked_head_supported, hidden_only, lm_head
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ def decode(
     modes = [m.training for m in models]
     for m in models:
         m.eval()
+    # Where it reproduces the model's logits, the head is applied here (`lm_head`).
+    direct = [not synced and chunked_head_supported(m) for m in models]
     caches: list = [None] * len(models)
     finished = torch.zeros(len(inputs), dtype=torch.bool, device=device)
     tokens, logprobs = [], []
@@ -98,16 +101,22 @@ def decode(
         positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1] :]
         logits = []
         for i, model in enumerate(models):
-            out = model(
-                input_ids=inputs,
-                attention_mask=attention,
-                position_ids=positions,
-                past_key_values=caches[i],
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            step = {
+                "input_ids": inputs,
+                "attention_mask": attention,
+                "position_ids": positions,
+                "past_key_values": caches[i],
+                "use_cache": True,
+            }
+            if direct[i]:
+                out = hidden_only(model, **step)
+                head = model.get_output_embeddings()
+                logits.append(lm_head(out.hidden_states[-1][:, -1], head.weight, head.bias))
+            else:
+                out = model(**step, logits_to_keep=1)
+                logits.append(out.logits[:, -1])
             caches[i] = out.past_key_values
-            logits.append(out.logits[:, -1].float())
+            logits[-1] = logits[-1].float()
         token, logprob = pick(logits, first)
         tokens.append(token)
         logprobs.append(logprob)

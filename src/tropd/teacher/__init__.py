@@ -23,14 +23,21 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_batch(model, batch: TokenBatch, top_k: int, chunk_size: int = 1024) -> TokenBatch:
+def score_batch(
+    model,
+    batch: TokenBatch,
+    top_k: int,
+    chunk_size: int = 1024,
+    entropy: bool = True,
+) -> TokenBatch:
     """Teacher log-prob of each response token, top-k ids/log-probs, and entropy.
 
     Only response positions (origin > 0) are scored, `chunk_size` positions at a time, so
-    the largest fp32 tensor is `[chunk_size, V]`, never `[B, T, V]`. Top-k log-probs come
-    from the full-vocabulary log-softmax (not renormalised). Non-response positions hold 0
-    (ids 0). Returns a new batch with `teacher_logprobs [B, T]`, `teacher_topk_ids
-    [B, T, K]`, `teacher_topk_logprobs [B, T, K]`, `teacher_entropy [B, T]`.
+    the largest fp32 tensors are `[chunk_size, V]`, never `[B, T, V]`. Top-k log-probs are
+    full-vocabulary log-probs (not renormalised). Non-response positions hold 0 (ids 0).
+    Returns a new batch with `teacher_logprobs [B, T]`, `teacher_topk_ids [B, T, K]`,
+    `teacher_topk_logprobs [B, T, K]` and `teacher_entropy [B, T]`; `top_k=0` leaves the
+    top-k fields None and `entropy=False` the entropy (a method that reads neither).
     """
     bsz, length = batch.tokens.shape
     hidden = final_hidden_states(model, batch.tokens, batch.attention_mask)
@@ -45,12 +52,16 @@ def score_batch(model, batch: TokenBatch, top_k: int, chunk_size: int = 1024) ->
     ent = torch.zeros(n, device=hidden.device)
     for start in range(0, n, chunk_size):
         part = slice(start, start + chunk_size)
-        logprobs = torch.log_softmax(head_logits(model, predicting[part]), dim=-1)
-        token_lp[part] = logprobs.gather(-1, targets[part, None]).squeeze(-1)
-        top = logprobs.topk(top_k, dim=-1)
-        top_lp[part], top_ids[part] = top.values, top.indices
-        ent[part] = -(logprobs.exp() * logprobs).sum(-1)
-        del logprobs
+        logits = head_logits(model, predicting[part])
+        lse = logits.logsumexp(-1, keepdim=True)
+        token_lp[part] = (logits.gather(-1, targets[part, None]) - lse).squeeze(-1)
+        if top_k:
+            top = logits.topk(top_k, dim=-1)
+            top_lp[part], top_ids[part] = top.values - lse, top.indices
+        if entropy:
+            probs = (logits - lse).exp_()
+            ent[part] = lse.squeeze(-1) - (probs * logits).sum(-1)
+        del logits
 
     def scatter(values: torch.Tensor, *tail: int, dtype=torch.float32) -> torch.Tensor:
         out = torch.zeros(bsz, length, *tail, dtype=dtype, device=hidden.device)
@@ -59,7 +70,7 @@ def score_batch(model, batch: TokenBatch, top_k: int, chunk_size: int = 1024) ->
 
     return batch.replace(
         teacher_logprobs=scatter(token_lp),
-        teacher_topk_ids=scatter(top_ids, top_k, dtype=torch.long),
-        teacher_topk_logprobs=scatter(top_lp, top_k),
-        teacher_entropy=scatter(ent),
+        teacher_topk_ids=scatter(top_ids, top_k, dtype=torch.long) if top_k else None,
+        teacher_topk_logprobs=scatter(top_lp, top_k) if top_k else None,
+        teacher_entropy=scatter(ent) if entropy else None,
     )

@@ -19,9 +19,9 @@ import torch
 
 from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch, align_logits
 from tropd.config import Config, ConfigError, save_config
+from tropd.head import HeadLogits, chunked_head_supported, hidden_only
 from tropd.models import load_model, load_tokenizer, read_vocab_size, resolve_model_path
 from tropd.objectives import Objective, get_objective
-from tropd.objectives.head import HeadLogits, chunked_head_supported
 from tropd.rollout import GuidancePlan, HFEngine, SamplingParams, collect_rollouts, prefix_cap
 from tropd.rollout.blend import BlendEngine, blend_budget
 from tropd.rollout.engine import is_sharded
@@ -181,16 +181,11 @@ def student_logits(setup: Setup, forward, micro: TokenBatch):
     """The student's logits for the objective: a `HeadLogits` (hidden states and the LM
     head, evaluated chunk by chunk at response positions) on the fast path, else the
     aligned `[B, T, V]` logits. The forward goes through `forward` (the DDP wrapper when
-    there is one) either way; on the fast path it keeps the logits of one position only."""
+    there is one) either way."""
     if not setup.chunked_head:
         out = forward(input_ids=micro.tokens, attention_mask=micro.attention_mask)
         return align_logits(out.logits)
-    out = forward(
-        input_ids=micro.tokens,
-        attention_mask=micro.attention_mask,
-        output_hidden_states=True,
-        logits_to_keep=1,
-    )
+    out = hidden_only(forward, input_ids=micro.tokens, attention_mask=micro.attention_mask)
     head = setup.student.get_output_embeddings()
     chunk = setup.config.optim.head_chunk
     return HeadLogits(out.hidden_states[-1], head.weight, head.bias, micro.response_mask, chunk)
@@ -241,7 +236,11 @@ def score_teacher(setup: Setup, batch: TokenBatch) -> TokenBatch:
         scored = setup.teacher.score_batch(batch, t.top_k)
     else:
         on_teacher = batch.to(device_of(setup.teacher))
-        scored = score_batch(setup.teacher, on_teacher, t.top_k, t.chunk_size)
+        objective = setup.objective
+        top_k = t.top_k if objective.teacher_topk else 0
+        scored = score_batch(
+            setup.teacher, on_teacher, top_k, t.chunk_size, objective.teacher_entropy
+        )
     return scored.to(device_of(setup.student))
 
 

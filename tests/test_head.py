@@ -9,8 +9,9 @@ import torch
 
 from tropd.batch import align_logits
 from tropd.config import load_config
+from tropd.head import HeadLogits, chunked_head_supported
 from tropd.objectives import REGISTRY, get_objective, list_objectives
-from tropd.objectives.head import HeadLogits, chunked_head_supported
+from tropd.teacher import score_batch
 from tropd.train import loop
 
 FAST = [name for name in list_objectives() if REGISTRY[name].chunked_head]
@@ -41,7 +42,7 @@ def scored(tiny_pair, tmp_path_factory):
     setup = loop.build(config, tmp_path_factory.mktemp("dir"))
     torch.manual_seed(0)
     batch, _ = loop.rollout(setup, setup.train_prompts[:3], step=1)
-    batch = loop.score_teacher(setup, batch)
+    batch = score_batch(setup.teacher, batch, top_k=8)  # every statistic, for every method
     reward = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
     batch = batch.replace(reward=reward)
     assert bool(batch.teacher_mask.any()) and bool(batch.student_mask.any())
@@ -104,9 +105,11 @@ def test_head_logits_values_match_the_model(scored) -> None:
         )
 
 
-def test_chunked_head_gradient_matches_autograd_with_a_bias() -> None:
+@pytest.mark.parametrize("chunk", [1, 2, 1000])
+def test_chunked_head_gradient_matches_autograd_with_a_bias(chunk: int) -> None:
     """The hand-written backward (states, weight and bias) against autograd through
-    log_softmax, for a head with a bias and gathered ids that repeat."""
+    log_softmax, for a head with a bias and gathered ids that repeat; recomputed rows
+    (before the last `chunk`) and kept ones alike."""
     torch.manual_seed(0)
     hidden = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
@@ -116,7 +119,7 @@ def test_chunked_head_gradient_matches_autograd_with_a_bias() -> None:
     ids[..., 1] = ids[..., 0]  # the same id twice in one row
     upstream = torch.randn(2, 5, 3, dtype=torch.float64)
 
-    view = HeadLogits(hidden, weight, bias, positions, chunk_size=2)
+    view = HeadLogits(hidden, weight, bias, positions, chunk_size=chunk)
     (view.token_logprobs(ids) * upstream).sum().backward()
     fast = [t.grad.clone() for t in (hidden, weight, bias)]
     for t in (hidden, weight, bias):
@@ -152,3 +155,25 @@ def test_loop_takes_the_fast_path_only_where_it_is_exact(scored, tiny_pair, tmp_
             return out
 
     assert not chunked_head_supported(Scaled(setup.student))
+
+
+@pytest.mark.parametrize("name", list_objectives())
+def test_scoring_only_what_the_method_reads_changes_nothing(scored, name: str) -> None:
+    """The loop scores the teacher's top-k and entropy only for methods that declare
+    them (`Objective.teacher_topk`, `.teacher_entropy`); every method gives the same loss
+    and metrics on that lean batch as on a fully scored one (bar the top-k mass metric)."""
+    setup, batch = scored
+    objective = get_objective(name)
+    top_k = 8 if objective.teacher_topk else 0
+    lean = score_batch(setup.teacher, batch, top_k, entropy=objective.teacher_entropy)
+    assert (lean.teacher_topk_ids is None) == (top_k == 0)
+    torch.testing.assert_close(lean.teacher_logprobs, batch.teacher_logprobs)
+    with torch.no_grad():
+        out = setup.student(input_ids=batch.tokens, attention_mask=batch.attention_mask)
+    logits = align_logits(out.logits)
+    full = objective(logits, batch, generator=torch.Generator().manual_seed(3), step=2)
+    part = objective(logits, lean, generator=torch.Generator().manual_seed(3), step=2)
+    torch.testing.assert_close(part.loss, full.loss)
+    for key, value in part.metrics.items():
+        assert value == pytest.approx(full.metrics[key], rel=1e-6, abs=1e-9), key
+    assert set(full.metrics) - set(part.metrics) <= {"teacher_topk_mass"}

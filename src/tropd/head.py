@@ -1,0 +1,224 @@
+"""The LM head applied by tropd itself instead of inside the model's forward.
+
+Chunked for training: log-probs at chosen ids without a `[B, T, V]` tensor.
+
+`HeadLogits` stands in for the student logits `[B, T, V]` of a training forward. It holds
+the decoder's final hidden states and the LM head, and computes log-probs only at the
+response positions, `chunk_size` positions at a time: the largest temporaries are
+`[chunk_size, V]` (forward and backward), the prompt positions never reach the head, and
+the student entropy of the SPEC §2.7 metrics comes out of the same pass. The estimators
+`token_logprobs` and `entropy` accept it in place of a logits tensor, so every method whose
+rule reads the student only through them (`Method.chunked_head`) runs unchanged on it.
+
+The last `chunk_size` positions keep their probabilities for the backward; earlier ones
+are recomputed there (one more head matmul each), so memory grows with the chunk, not with
+B·T·V.
+
+Direct for sampling: `hidden_only` runs the model without its head and `lm_head` applies
+it in the orientation that is fast for a few rows (`tropd.rollout.engine.decode`). Both
+are used only where `chunked_head_supported` has checked that they reproduce the model's
+own logits.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+BLOCK = 128  # rows of logits formed at once inside a chunk (cache-sized temporaries)
+
+
+class HeadLogits:
+    """Student logits `[B, T, V]` at `positions`, as `hidden [B, T, H]` (the model's last
+    hidden states, unshifted: the distribution over token t comes from position t - 1) and
+    the head `weight [V, H]` (+ `bias [V]`). `positions [B, T]` bool marks the positions
+    whose distribution is needed (never position 0); elsewhere every value is 0."""
+
+    def __init__(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        positions: torch.Tensor,
+        chunk_size: int = 1024,
+    ):
+        if bool(positions[:, 0].any()):
+            raise ValueError("HeadLogits: position 0 has no preceding hidden state")
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.positions, self.chunk_size = positions, chunk_size
+        self.rows, self.cols = positions.nonzero(as_tuple=True)
+        self.shape = torch.Size((*positions.shape, weight.shape[0]))
+        self._entropy: torch.Tensor | None = None
+
+    def token_logprobs(self, ids: torch.Tensor) -> torch.Tensor:
+        """`log softmax(logits)[ids]` for ids `[B, T]` or `[B, T, K]`; the shape of `ids`,
+        fp32, differentiable with respect to the hidden states and the head."""
+        picked = ids[self.rows, self.cols]
+        flat = picked.reshape(len(picked), -1)
+        states = self.hidden[self.rows, self.cols - 1]
+        logprobs, entropy = _ChunkedHead.apply(
+            states, self.weight, self.bias, flat, self.chunk_size
+        )
+        if self._entropy is None:
+            self._entropy = self._scatter(entropy, ())
+        return self._scatter(logprobs.reshape(picked.shape), ids.shape[2:])
+
+    def entropy(self) -> torch.Tensor:
+        """Entropy in nats `[B, T]` at the positions (0 elsewhere), no gradient; taken in
+        the first `token_logprobs` pass when there was one."""
+        if self._entropy is None:
+            with torch.no_grad():
+                self.token_logprobs(torch.zeros(self.positions.shape, dtype=torch.long))
+        return self._entropy
+
+    def logits(self) -> torch.Tensor:
+        """The plain `[B, T, V]` fp32 logits (zeros off the positions), for tests and
+        debugging: this is the tensor the class exists to avoid."""
+        states = self.hidden[self.rows, self.cols - 1]
+        values = torch.nn.functional.linear(states, self.weight, self.bias).float()
+        return self._scatter(values, self.shape[2:])
+
+    def _scatter(self, values: torch.Tensor, tail: tuple) -> torch.Tensor:
+        out = values.new_zeros((*self.positions.shape, *tail))
+        return out.index_put((self.rows, self.cols), values)
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """`(states [N, H], weight [V, H], bias [V] | None, ids [N, M], chunk)` ->
+    `(log softmax(states @ weight.T + bias)[ids] [N, M], entropy [N])` in fp32 (or wider).
+
+    The logits are formed `BLOCK` rows at a time, as `weight @ states.T` (`[V, BLOCK]`:
+    on CPU a wide-vocabulary product is markedly faster in this orientation than
+    `F.linear`'s, and a block's temporaries stay in cache). The probabilities of the last
+    `chunk` rows are kept for the backward; the rows before them are recomputed there. So
+    up to `chunk` positions cost no recompute, and what is held is at most `[chunk, V]`.
+    """
+
+    @staticmethod
+    def forward(ctx, states, weight, bias, ids, chunk):
+        wide = _wide(states)
+        n = len(ids)
+        logprobs = states.new_empty(ids.shape, dtype=wide)
+        entropy = states.new_empty(n, dtype=wide)
+        lse = states.new_empty(n, dtype=wide)
+        kept_from = max(n - chunk, 0)  # rows from here on keep their probabilities
+        kept = []
+        for rows in _blocks(n, kept_from):
+            logits = _logits_t(states[rows], weight, bias, wide)  # [V, rows]
+            lse[rows] = logits.logsumexp(0)
+            probs = (logits - lse[rows]).exp_()
+            entropy[rows] = lse[rows] - (probs * logits).sum(0)
+            logprobs[rows] = logits.gather(0, ids[rows].t()).t() - lse[rows, None]
+            if rows.start >= kept_from:
+                kept.append(probs)
+        ctx.save_for_backward(states, weight, bias, ids, lse, *kept)
+        ctx.kept_from = kept_from
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, _grad_entropy):
+        states, weight, bias, ids, lse, *kept = ctx.saved_tensors
+        need_states, need_weight, need_bias = ctx.needs_input_grad[:3]
+        wide = _wide(states)
+        grad_states = torch.zeros_like(states) if need_states else None
+        grad_weight = torch.zeros_like(weight, dtype=wide) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=wide) if need_bias else None
+        kept_blocks = iter(kept)
+        for rows in _blocks(len(ids), ctx.kept_from):
+            grad = grad_logprobs[rows].to(wide)
+            # d/dlogits of sum_m g_m (logits[id_m] - lse) = onehot-scatter(g) - softmax * sum(g)
+            scale = -grad.sum(-1)
+            if rows.start >= ctx.kept_from:
+                grad_logits = next(kept_blocks) * scale  # not in place: the graph may be reused
+            else:
+                logits = _logits_t(states[rows], weight, bias, wide)
+                grad_logits = (logits - lse[rows]).exp_().mul_(scale)
+            grad_logits.scatter_add_(0, ids[rows].t(), grad.t())
+            grad_logits = grad_logits.to(states.dtype)  # [V, rows]
+            if need_states:
+                grad_states[rows] = grad_logits.t() @ weight
+            if need_weight:
+                grad_weight.addmm_(grad_logits.to(wide), states[rows].to(wide))
+            if need_bias:
+                grad_bias += grad_logits.sum(1).to(wide)
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_bias:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_states, grad_weight, grad_bias, None, None
+
+
+def _logits_t(states: torch.Tensor, weight: torch.Tensor, bias, dtype) -> torch.Tensor:
+    """`(states @ weight.T + bias).T` as `[V, N]` in `dtype`."""
+    logits = weight @ states.t()
+    if bias is not None:
+        logits = logits + bias[:, None]
+    return logits.to(dtype)
+
+
+def lm_head(states: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """`states [N, H] @ weight.T + bias` as a contiguous `[N, V]`, computed as
+    `weight @ states.T`: for the few rows of a decoding step over a wide vocabulary this
+    runs about twice as fast as `F.linear` on CPU (bench/throughput.py)."""
+    logits = (weight @ states.t()).t().contiguous()
+    return logits if bias is None else logits + bias
+
+
+def _wide(states: torch.Tensor) -> torch.dtype:
+    """fp32, or the states' dtype when wider (float64 in tests)."""
+    return torch.promote_types(states.dtype, torch.float32)
+
+
+def _blocks(n: int, split: int) -> list[slice]:
+    """Slices of at most `BLOCK` rows covering `[0, split)` and then `[split, n)`."""
+    return [
+        slice(start, min(start + BLOCK, end))
+        for begin, end in ((0, split), (split, n))
+        for start in range(begin, end, BLOCK)
+    ]
+
+
+def hidden_only(model, **inputs):
+    """`model(**inputs)` returning the hidden states of every layer and no logits (an
+    empty `logits_to_keep`), for callers that apply the head themselves."""
+    none = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    return model(**inputs, output_hidden_states=True, logits_to_keep=none)
+
+
+_SUPPORTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def chunked_head_supported(model) -> bool:
+    """Whether `model`'s logits are exactly `linear(last hidden state, head)` and it can
+    skip its own head (`hidden_only`): checked once per model on a 3-token input against
+    its own output (catches logit scaling, soft-capping and adapters on the head, which
+    `HeadLogits` and `lm_head` do not apply)."""
+    if model not in _SUPPORTED:
+        _SUPPORTED[model] = _check_head(model)
+    return _SUPPORTED[model]
+
+
+def _check_head(model) -> bool:
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return False
+    ids = torch.tensor([[1, 2, 3]], device=head.weight.device)
+    training = model.training
+    model.eval()  # no dropout: the two forwards must agree
+    try:
+        with torch.no_grad():
+            theirs = model(input_ids=ids).logits[:, -1]
+            out = hidden_only(model, input_ids=ids)
+            states = out.hidden_states[-1][:, -1]
+    except (TypeError, AttributeError, IndexError):  # no hidden states / logits_to_keep
+        return False
+    finally:
+        model.train(training)
+    if out.logits is not None and out.logits.numel() > 0:
+        return False
+    mine = torch.nn.functional.linear(states, head.weight, head.bias)
+    return mine.shape == theirs.shape and torch.allclose(
+        mine.float(), theirs.float(), rtol=1e-3, atol=1e-4
+    )
