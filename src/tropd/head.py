@@ -108,7 +108,7 @@ class _ChunkedHead(torch.autograd.Function):
             logits = _logits_t(states[rows], weight, bias, wide)  # [V, rows]
             lse[rows] = logits.logsumexp(0)
             probs = (logits - lse[rows]).exp_()
-            entropy[rows] = lse[rows] - (probs * logits).sum(0)
+            entropy[rows] = lse[rows] - torch.linalg.vecdot(probs, logits, dim=0)
             logprobs[rows] = logits.gather(0, ids[rows].t()).t() - lse[rows, None]
             if rows.start >= kept_from:
                 kept.append(probs)

@@ -60,7 +60,7 @@ def score_batch(
             top_lp[part], top_ids[part] = top.values - lse, top.indices
         if entropy:
             probs = (logits - lse).exp_()
-            ent[part] = lse.squeeze(-1) - (probs * logits).sum(-1)
+            ent[part] = lse.squeeze(-1) - torch.linalg.vecdot(probs, logits)
         del logits
 
     def scatter(values: torch.Tensor, *tail: int, dtype=torch.float32) -> torch.Tensor:
