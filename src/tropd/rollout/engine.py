@@ -11,6 +11,7 @@ import torch
 
 from tropd.batch import left_pad
 from tropd.head import chunked_head_supported, hidden_only, lm_head
+from tropd.rollout.lean import LeanDecoder
 
 
 @dataclass(frozen=True)
@@ -92,31 +93,13 @@ def decode(
     modes = [m.training for m in models]
     for m in models:
         m.eval()
-    # Where it reproduces the model's logits, the head is applied here (`lm_head`).
-    direct = [not synced and chunked_head_supported(m) for m in models]
-    caches: list = [None] * len(models)
+    capacity = inputs.shape[1] + budget
+    steppers = [_Stepper(m, len(inputs), capacity, not synced) for m in models]
     finished = torch.zeros(len(inputs), dtype=torch.bool, device=device)
     tokens, logprobs = [], []
     for _ in range(budget):
         positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1] :]
-        logits = []
-        for i, model in enumerate(models):
-            step = {
-                "input_ids": inputs,
-                "attention_mask": attention,
-                "position_ids": positions,
-                "past_key_values": caches[i],
-                "use_cache": True,
-            }
-            if direct[i]:
-                out = hidden_only(model, **step)
-                head = model.get_output_embeddings()
-                logits.append(lm_head(out.hidden_states[-1][:, -1], head.weight, head.bias))
-            else:
-                out = model(**step, logits_to_keep=1)
-                logits.append(out.logits[:, -1])
-            caches[i] = out.past_key_values
-            logits[-1] = logits[-1].float()
+        logits = [stepper(inputs, attention, positions) for stepper in steppers]
         token, logprob = pick(logits, first)
         tokens.append(token)
         logprobs.append(logprob)
@@ -139,6 +122,37 @@ def decode(
             Generation(row[:stop], recorded[i, :stop].tolist(), eos_token_id in row[:stop])
         )
     return results
+
+
+class _Stepper:
+    """One model in the `decode` loop: next-token fp32 logits `[N, V]` from the tokens
+    appended since the last call. Where the model allows (`chunked_head_supported`), the
+    head is applied here in its fast orientation (`lm_head`), and Llama-family models run
+    their steps in `LeanDecoder`; otherwise the model's own forward and KV cache."""
+
+    def __init__(self, model, rows: int, capacity: int, local: bool):
+        self.model, self.cache = model, None
+        self.head = (
+            model.get_output_embeddings() if local and chunked_head_supported(model) else None
+        )
+        lean = self.head is not None and LeanDecoder.supports(model)
+        self.lean = LeanDecoder(model, rows, capacity) if lean else None
+
+    def __call__(self, inputs, attention, positions) -> torch.Tensor:
+        step = {"input_ids": inputs, "attention_mask": attention, "position_ids": positions}
+        if self.lean is not None:
+            if self.lean.length == 0:
+                hidden = self.lean.prefill(**step)
+            else:
+                hidden = self.lean.step(inputs[:, -1], positions[:, -1], attention)
+        elif self.head is not None:
+            out = hidden_only(self.model, **step, past_key_values=self.cache, use_cache=True)
+            self.cache, hidden = out.past_key_values, out.hidden_states[-1][:, -1]
+        else:
+            out = self.model(**step, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            self.cache = out.past_key_values
+            return out.logits[:, -1].float()
+        return lm_head(hidden, self.head.weight, self.head.bias).float()
 
 
 def sample_tokens(
