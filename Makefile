@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo bench-ablation test test-fast lint smollm2
+.PHONY: install demo bench bench-memory bench-ablation test test-fast lint smollm2
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -18,6 +18,15 @@ $(VENV)/.installed: pyproject.toml
 # OPD vs TrOPD on the `chain` task under strong teacher/student style mismatch (tropd demo).
 demo: install
 	$(BIN)/tropd demo --out runs/demo-$(RUN_ID)
+
+# tropd vs TRL (DistillationTrainer, GKD) step throughput on CPU; writes bench/results/throughput/.
+bench: install
+	$(BIN)/python bench/throughput.py
+
+# Peak memory of teacher scoring and the student loss, chunked head vs full [B, T, V] logits,
+# on CPU; writes bench/results/memory/.
+bench-memory: install
+	$(BIN)/python bench/memory.py
 
 # Every method x mismatch setting x 3 seeds on CPU; writes bench/results/ablation/.
 bench-ablation: install

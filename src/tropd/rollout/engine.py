@@ -11,7 +11,6 @@ import torch
 
 from tropd.batch import left_pad
 from tropd.head import chunked_head_supported, hidden_only, lm_head
-from tropd.rollout.lean import LeanDecoder
 
 
 @dataclass(frozen=True)
@@ -93,8 +92,7 @@ def decode(
     modes = [m.training for m in models]
     for m in models:
         m.eval()
-    capacity = inputs.shape[1] + budget
-    steppers = [_Stepper(m, len(inputs), capacity, not synced) for m in models]
+    steppers = [_Stepper(m, local=not synced) for m in models]
     finished = torch.zeros(len(inputs), dtype=torch.bool, device=device)
     tokens, logprobs = [], []
     for _ in range(budget):
@@ -125,34 +123,32 @@ def decode(
 
 
 class _Stepper:
-    """One model in the `decode` loop: next-token fp32 logits `[N, V]` from the tokens
-    appended since the last call. Where the model allows (`chunked_head_supported`), the
-    head is applied here in its fast orientation (`lm_head`), and Llama-family models run
-    their steps in `LeanDecoder`; otherwise the model's own forward and KV cache."""
+    """One model in the `decode` loop, with its own KV cache: next-token fp32 logits
+    `[N, V]` from the tokens appended since the last call. Where the model allows
+    (`chunked_head_supported`), the head is applied here in its fast orientation
+    (`lm_head`) instead of inside the model's forward."""
 
-    def __init__(self, model, rows: int, capacity: int, local: bool):
+    def __init__(self, model, local: bool):
         self.model, self.cache = model, None
         self.head = (
             model.get_output_embeddings() if local and chunked_head_supported(model) else None
         )
-        lean = self.head is not None and LeanDecoder.supports(model)
-        self.lean = LeanDecoder(model, rows, capacity) if lean else None
 
     def __call__(self, inputs, attention, positions) -> torch.Tensor:
-        step = {"input_ids": inputs, "attention_mask": attention, "position_ids": positions}
-        if self.lean is not None:
-            if self.lean.length == 0:
-                hidden = self.lean.prefill(**step)
-            else:
-                hidden = self.lean.step(inputs[:, -1], positions[:, -1], attention)
-        elif self.head is not None:
-            out = hidden_only(self.model, **step, past_key_values=self.cache, use_cache=True)
-            self.cache, hidden = out.past_key_values, out.hidden_states[-1][:, -1]
-        else:
-            out = self.model(**step, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        step = {
+            "input_ids": inputs,
+            "attention_mask": attention,
+            "position_ids": positions,
+            "past_key_values": self.cache,
+            "use_cache": True,
+        }
+        if self.head is None:
+            out = self.model(**step, logits_to_keep=1)
             self.cache = out.past_key_values
             return out.logits[:, -1].float()
-        return lm_head(hidden, self.head.weight, self.head.bias).float()
+        out = hidden_only(self.model, **step)
+        self.cache = out.past_key_values
+        return lm_head(out.hidden_states[-1][:, -1], self.head.weight, self.head.bias).float()
 
 
 def sample_tokens(
