@@ -177,3 +177,17 @@ def test_scoring_only_what_the_method_reads_changes_nothing(scored, name: str) -
     for key, value in part.metrics.items():
         assert value == pytest.approx(full.metrics[key], rel=1e-6, abs=1e-9), key
     assert set(full.metrics) - set(part.metrics) <= {"teacher_topk_mass"}
+
+
+def test_a_second_backward_through_kept_probabilities_fails_loudly() -> None:
+    """The backward consumes the kept probabilities in place; autograd's version check
+    must turn a reuse of the graph into an error, not a wrong gradient."""
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 4, 3, requires_grad=True)
+    weight = torch.randn(7, 3, requires_grad=True)
+    positions = torch.tensor([[0, 1, 1, 1]], dtype=torch.bool)
+    view = HeadLogits(hidden, weight, None, positions, chunk_size=8)
+    loss = view.token_logprobs(torch.randint(0, 7, (1, 4))).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

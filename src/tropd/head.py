@@ -105,11 +105,12 @@ class _ChunkedHead(torch.autograd.Function):
         kept_from = max(n - chunk, 0)  # rows from here on keep their probabilities
         kept = []
         for rows in _blocks(n, kept_from):
-            logits = _logits_t(states[rows], weight, bias, wide)  # [V, rows]
-            lse[rows] = logits.logsumexp(0)
-            probs = (logits - lse[rows]).exp_()
-            entropy[rows] = lse[rows] - torch.linalg.vecdot(probs, logits, dim=0)
-            logprobs[rows] = logits.gather(0, ids[rows].t()).t() - lse[rows, None]
+            block = _logits_t(states[rows], weight, bias, wide)  # [V, rows]
+            lse[rows] = block.logsumexp(0)
+            block -= lse[rows]  # now log-probs, in place
+            logprobs[rows] = block.gather(0, ids[rows].t()).t()
+            probs = block.exp()
+            entropy[rows] = -torch.linalg.vecdot(probs, block, dim=0)
             if rows.start >= kept_from:
                 kept.append(probs)
         ctx.save_for_backward(states, weight, bias, ids, lse, *kept)
@@ -131,7 +132,9 @@ class _ChunkedHead(torch.autograd.Function):
             # d/dlogits of sum_m g_m (logits[id_m] - lse) = onehot-scatter(g) - softmax * sum(g)
             scale = -grad.sum(-1)
             if rows.start >= ctx.kept_from:
-                grad_logits = next(kept_blocks) * scale  # not in place: the graph may be reused
+                # In place: a second backward through this graph then fails loudly
+                # (autograd's version check) instead of reading modified probabilities.
+                grad_logits = next(kept_blocks).mul_(scale)
             else:
                 logits = _logits_t(states[rows], weight, bias, wide)
                 grad_logits = (logits - lse[rows]).exp_().mul_(scale)
