@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -394,6 +395,23 @@ def run_worker(case: Case, data: Path, save: bool, glibc_default: bool) -> dict[
     return {"error": f"exit code {proc.returncode}:\n" + "\n".join(tail), "worker_s": wall}
 
 
+def source_fingerprint() -> dict[str, Any]:
+    """The git commit and a sha256 over every file under src/tropd: the code measured (taken
+    before and after the run; a change in between means rows measured different code)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted((root / "src" / "tropd").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"commit": commit or None, "src_sha256": digest.hexdigest()}
+
+
 def mem_available_mib() -> float:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -575,7 +593,7 @@ def reading(results: list[dict[str, Any]]) -> str:
     parts.append(
         f"The student's [V,H] fp32 embedding/head gradient alone is {' and '.join(grads)} at "
         f"T={t_first}; the backward forms the head's and the embedding's parts separately and "
-        "sums them: the chunked loss grows with V·H there whatever the chunk and T."
+        "sums them: a part of every loss row that grows with V·H whatever the chunk and T."
     )
     return " ".join(parts)
 
@@ -634,7 +652,13 @@ def settings_line(glibc_default: bool) -> str:
     return SETTINGS + f" Allocator: {malloc}."
 
 
-def report(args, results: list[dict[str, Any]], versions: dict[str, str], wall: float) -> None:
+def report(
+    args,
+    results: list[dict[str, Any]],
+    versions: dict[str, str],
+    wall: float,
+    source: dict[str, Any],
+) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -656,6 +680,11 @@ def report(args, results: list[dict[str, Any]], versions: dict[str, str], wall: 
     hidden = [r for r in results if r.get("peak_hidden")]
     if hidden:
         console.print(f"(!) {len(hidden)} rows: the peak counter could not be reset", markup=False)
+    start = source["start"]
+    source_line = f"Source: commit {start['commit']}, src/tropd sha256 {start['src_sha256'][:12]}."
+    if source["changed_during_run"]:
+        source_line += " WARNING: src/tropd changed during the run; rows may mix code versions."
+    console.print(source_line, markup=False)
     command = "python bench/memory.py " + " ".join(sys.argv[1:])
     machine = {**machine_info(), **versions}
     out = Path(args.out)
@@ -666,7 +695,8 @@ def report(args, results: list[dict[str, Any]], versions: dict[str, str], wall: 
         f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, "
         f"{machine['memory_gib']} GiB; Linux {machine['kernel']}; Python {machine['python']}, "
         f"torch {machine.get('torch', '?')}, transformers {machine.get('transformers', '?')}. "
-        f"Total wall time {wall / 60:.1f} min.\n\nReproduce: `{command.strip()}`\n",
+        f"Total wall time {wall / 60:.1f} min.\n\n{source_line}\n\n"
+        f"Reproduce: `{command.strip()}`\n",
     )
     payload = {
         "settings": {
@@ -685,6 +715,7 @@ def report(args, results: list[dict[str, Any]], versions: dict[str, str], wall: 
             "summary_line": settings,
         },
         "machine": machine,
+        "source": source,
         "wall_s": wall,
         "reading": text,
         "results": results,
@@ -722,6 +753,7 @@ def main() -> None:
         print(RESULT_MARKER + json.dumps(result), flush=True)
         return
     tic = time.perf_counter()
+    source = {"start": source_fingerprint()}
     results: list[dict[str, Any]] = []
     versions: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="tropd-memory-") as data:
@@ -745,7 +777,9 @@ def main() -> None:
                     else (row.get("skipped") or "FAILED: " + row["error"].splitlines()[0])
                 )
                 print(f"{case.label:38} {note}", flush=True)
-    report(args, results, versions, time.perf_counter() - tic)
+    source["end"] = source_fingerprint()
+    source["changed_during_run"] = source["start"] != source["end"]
+    report(args, results, versions, time.perf_counter() - tic, source)
 
 
 if __name__ == "__main__":
