@@ -76,6 +76,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from common import cpu_info, markdown, write_atomic
+
 BATCH = 8
 PROMPT = 40
 TOP_K = 64
@@ -599,33 +601,9 @@ def reading(results: list[dict[str, Any]]) -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
     meminfo = Path("/proc/meminfo").read_text().splitlines()
     total = next((int(x.split()[1]) for x in meminfo if x.startswith("MemTotal:")), 0)
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "memory_gib": round(total / 2**20, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
-
-
-def markdown(head: list[str], cells: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
-    return "\n".join(lines)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    return {**cpu_info(), "memory_gib": round(total / 2**20, 1), "kernel": platform.release()}
 
 
 SETTINGS = (

@@ -51,7 +51,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -67,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import cpu_info, markdown, write_atomic
 
 SYSTEMS = ("tropd-opd", "tropd-tropd", "tropd-fkl_outlier", "trl-distill", "trl-gkd")
 PHASES = ("generate", "teacher", "train", "optimizer", "other")
@@ -761,32 +761,12 @@ def settings_line(args: argparse.Namespace, peak: float, foreign: float) -> str:
     )
 
 
-def markdown(head: list[str], cells: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
-    return "\n".join(lines)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def machine_info(threads: int) -> dict[str, Any]:
     import transformers
     import trl
 
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
     return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "python": platform.python_version(),
+        **cpu_info(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "trl": trl.__version__,
