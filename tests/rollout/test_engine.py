@@ -499,3 +499,9 @@ def test_cdf_sampler_greedy_and_large_vocabulary_logprobs() -> None:
     assert torch.equal(token, logits.argmax(-1))
     token, lp = sample_tokens(logits, 1.0)
     torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0])
+
+
+def test_a_zero_token_budget_generates_nothing(tiny: Tiny) -> None:
+    engine = HFEngine(tiny.student, tiny.pad, tiny.eos)
+    out = engine.generate(tiny.prompts[:2], SamplingParams(0))
+    assert [(g.tokens, g.logprobs, g.finished) for g in out] == [([], [], False)] * 2

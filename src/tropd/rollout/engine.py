@@ -110,6 +110,8 @@ def decode(
         m.train(mode)
     if not prompts:
         return []
+    if not tokens:  # a budget of 0 tokens
+        return [Generation([], [], False) for _ in prompts]
     new = torch.stack(tokens, 1).cpu()
     recorded = torch.stack(logprobs, 1).float().cpu()
     results = []
