@@ -3,16 +3,14 @@
 Chunked for training: log-probs at chosen ids without a `[B, T, V]` tensor.
 
 `HeadLogits` stands in for the student logits `[B, T, V]` of a training forward. It holds
-the decoder's final hidden states and the LM head, and computes log-probs only at the
-response positions, `chunk_size` positions at a time: the largest temporaries are
-`[chunk_size, V]` (forward and backward), the prompt positions never reach the head, and
-the student entropy of the SPEC §2.7 metrics comes out of the same pass. The estimators
-`token_logprobs` and `entropy` accept it in place of a logits tensor, so every method whose
-rule reads the student only through them (`Method.chunked_head`) runs unchanged on it.
-
-The last `chunk_size` positions keep their probabilities for the backward; earlier ones
-are recomputed there (one more head matmul each), so memory grows with the chunk, not with
-B·T·V.
+the decoder's final hidden states and the LM head and computes log-probs only at the
+response positions (the prompt positions never reach the head), `BLOCK` rows of logits at
+a time; the student entropy of the SPEC §2.7 metrics comes out of the same pass. The last
+`chunk_size` positions keep their probabilities for the backward and earlier ones are
+recomputed there (one more head matmul each), so memory grows with the chunk, not with
+B·T·V. The estimators `token_logprobs` and `entropy` accept it in place of a logits
+tensor, so every method whose rule reads the student only through them
+(`Method.chunked_head`) runs unchanged on it.
 
 Direct for sampling: `hidden_only` runs the model without its head and `lm_head` applies
 it in the orientation that is fast for a few rows (`tropd.rollout.engine.decode`). Both
