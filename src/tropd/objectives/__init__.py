@@ -38,7 +38,7 @@ class Method:
     guidance: bool = False  # whether rollouts get teacher prefixes by default
     trains_prefix: bool = False  # whether teacher-prefix tokens are trained (and counted)
     needs_reward: bool = False  # whether the loop must fill `batch.reward` with the verifier
-    choices: dict[str, tuple] = field(default_factory=dict)
+    choices: dict[str, tuple] = field(default_factory=dict)  # besides `loss_agg` (all methods)
     trains_student: bool = True  # whether student tokens are trained (and counted)
     rollout: str = "student"  # "blend": rollouts come from `tropd.rollout.blend.BlendEngine`
     checks: dict[str, tuple[Callable[[Any], bool], str]] = field(default_factory=dict)
@@ -61,15 +61,15 @@ _TROPD = {
     "ppo_clip": None,
     **_COMMON,
 }
-_TROPD_CHOICES = {"trust_gate": TRUST_GATES, "outlier": OUTLIERS, "loss_agg": LOSS_AGGS}
+_TROPD_CHOICES = {"trust_gate": TRUST_GATES, "outlier": OUTLIERS}
 _TROPD_PAPER = "Xing et al. 2026, arXiv 2606.01249"
 
 
-def _NO_TOPK(options: dict[str, Any]) -> bool:
+def _never(options: dict[str, Any]) -> bool:
     return False
 
 
-def _FKL_OUTLIERS(options: dict[str, Any]) -> bool:
+def _fkl_outliers(options: dict[str, Any]) -> bool:
     return options["outlier"] == "fkl"
 
 
@@ -79,8 +79,7 @@ REGISTRY: dict[str, Method] = {
         {"kl_coef": 1.0, "ppo_clip": None, "gamma": 0.0, **_COMMON},
         "-exp(lpS-lq)·r_t, r_t = lpT-lq, on student tokens",
         "Thinking Machines, On-Policy Distillation (2025)",
-        teacher_topk=_NO_TOPK,
-        choices={"loss_agg": LOSS_AGGS},
+        teacher_topk=_never,
     ),
     "tropd": Method(
         methods.tropd,
@@ -89,7 +88,7 @@ REGISTRY: dict[str, Method] = {
         _TROPD_PAPER,
         guidance=True,
         trains_prefix=True,
-        teacher_topk=_FKL_OUTLIERS,
+        teacher_topk=_fkl_outliers,
         choices=_TROPD_CHOICES,
     ),
     "fkl_outlier": Method(
@@ -98,7 +97,7 @@ REGISTRY: dict[str, Method] = {
         "TrOPD's trust gate and top-k FKL outliers, no teacher prefixes",
         _TROPD_PAPER,
         trains_prefix=True,
-        teacher_topk=_FKL_OUTLIERS,
+        teacher_topk=_fkl_outliers,
         choices=_TROPD_CHOICES,
     ),
     "mask_outlier": Method(
@@ -107,7 +106,7 @@ REGISTRY: dict[str, Method] = {
         "OPD only on tokens with r_t > τ",
         _TROPD_PAPER,
         trains_prefix=True,
-        teacher_topk=_FKL_OUTLIERS,
+        teacher_topk=_fkl_outliers,
         choices=_TROPD_CHOICES,
     ),
     "clip_outlier": Method(
@@ -116,7 +115,7 @@ REGISTRY: dict[str, Method] = {
         "OPD with reward max(r_t, τ) (REOPOLD's clip)",
         _TROPD_PAPER,
         trains_prefix=True,
-        teacher_topk=_FKL_OUTLIERS,
+        teacher_topk=_fkl_outliers,
         choices=_TROPD_CHOICES,
     ),
     "topk_fkl": Method(
@@ -124,15 +123,13 @@ REGISTRY: dict[str, Method] = {
         {"logprob_floor": -30.0, **_COMMON},
         "Σ_{v∈top-k} π_T(v)(lpT_v − lpS_v) on every student token (negative control)",
         _TROPD_PAPER,
-        choices={"loss_agg": LOSS_AGGS},
     ),
     "entropy_opd": Method(
         baselines.entropy_opd,
         {"rho": 0.2, "kl_coef": 1.0, "ppo_clip": None, **_COMMON},
         "OPD only on the top ρ of student tokens by student entropy",
         _TROPD_PAPER + " (Entropy-OPD baseline)",
-        teacher_topk=_NO_TOPK,
-        choices={"loss_agg": LOSS_AGGS},
+        teacher_topk=_never,
     ),
     "eopd": Method(
         baselines.eopd,
@@ -147,7 +144,6 @@ REGISTRY: dict[str, Method] = {
         "PPO-clipped OPD + top-k FKL where the teacher's entropy > τ",
         "EOPD, arXiv 2603.07079",
         teacher_entropy=True,
-        choices={"loss_agg": LOSS_AGGS},
     ),
     "reopold": Method(
         baselines.reopold,
@@ -161,8 +157,8 @@ REGISTRY: dict[str, Method] = {
         },
         "OPD with reward max(r_t, log(λ/(1−λ))) on the top-β by student entropy",
         "REOPOLD, Ko et al. 2026, arXiv 2603.11137",
-        teacher_topk=_NO_TOPK,
-        choices={"selection": ("entropy", "reward", "two_stage"), "loss_agg": LOSS_AGGS},
+        teacher_topk=_never,
+        choices={"selection": ("entropy", "reward", "two_stage")},
     ),
     "jsd_topk": Method(
         baselines.jsd_topk,
@@ -170,7 +166,6 @@ REGISTRY: dict[str, Method] = {
         "β·Σ_top-k π_T log(π_T/M) + (1−β)·PG of log(π_S/M), M = βπ_T + (1−β)π_S",
         _TROPD_PAPER + " (JSD baseline)",
         chunked_head=False,
-        choices={"loss_agg": LOSS_AGGS},
         checks={"beta": (lambda v: 0 < v < 1, "must be in (0, 1)")},
     ),
     "gkd": Method(
@@ -180,7 +175,6 @@ REGISTRY: dict[str, Method] = {
         "GKD, Agarwal et al., arXiv 2306.13649",
         trains_prefix=True,
         chunked_head=False,
-        choices={"loss_agg": LOSS_AGGS},
     ),
     "seqkd": Method(
         baselines.seqkd,
@@ -190,16 +184,14 @@ REGISTRY: dict[str, Method] = {
         guidance=True,
         trains_prefix=True,
         trains_student=False,
-        teacher_topk=_NO_TOPK,
-        choices={"loss_agg": LOSS_AGGS},
+        teacher_topk=_never,
     ),
     "top_d": Method(
         baselines.top_d,
         {"alpha": 0.1, "ppo_clip": 0.2, **_COMMON},
         "reward log(α·e^r + 1 − α), length-normalised return, group z-score, PPO clip",
         "TOP-D, arXiv 2607.04751",
-        teacher_topk=_NO_TOPK,
-        choices={"loss_agg": LOSS_AGGS},
+        teacher_topk=_never,
     ),
     "trb": Method(
         baselines.trb,
@@ -207,8 +199,7 @@ REGISTRY: dict[str, Method] = {
         "reverse-KL OPD on rollouts from π_S^(1−b)·π_T^b, KL(μ‖π_S) ≤ ε_k annealed to 0",
         "TRB, Plyusov et al. 2026, arXiv 2605.31159",
         rollout="blend",
-        teacher_topk=_NO_TOPK,
-        choices={"loss_agg": LOSS_AGGS},
+        teacher_topk=_never,
     ),
     "ta_opd": Method(
         baselines.ta_opd,
@@ -223,7 +214,6 @@ REGISTRY: dict[str, Method] = {
         "OPD only on the top ρ by quantile(D_t)·quantile(C_t) (teachability)",
         "TA-OPD, arXiv 2605.26844",
         chunked_head=False,
-        choices={"loss_agg": LOSS_AGGS},
     ),
     "grpo": Method(
         baselines.grpo,
@@ -231,8 +221,7 @@ REGISTRY: dict[str, Method] = {
         "−ratio·A, A = group-normalised verifier reward (no teacher)",
         "GRPO (Shao et al. 2024), the RL baseline of Thinking Machines' OPD post",
         needs_reward=True,
-        teacher_topk=_NO_TOPK,
-        choices={"loss_agg": LOSS_AGGS},
+        teacher_topk=_never,
     ),
     "opd_task": Method(
         baselines.opd_task,
@@ -240,8 +229,7 @@ REGISTRY: dict[str, Method] = {
         "OPD with advantage A_task + kl_coef·r_t (A_task: group-normalised verifier reward)",
         "Thinking Machines, On-Policy Distillation (2025)",
         needs_reward=True,
-        teacher_topk=_NO_TOPK,
-        choices={"loss_agg": LOSS_AGGS},
+        teacher_topk=_never,
     ),
 }
 
@@ -364,39 +352,41 @@ def get_objective(name: str, **options: Any) -> Objective:
     return Objective(name, method, resolved)
 
 
+# Option checks shared by every method that has the option (`Method.checks` adds more).
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "beta": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "ppo_clip": (
+        lambda v: v is None or 0 < v < 1,
+        "must be null (off) or in (0, 1)",
+    ),
+    "logprob_floor": (lambda v: v < 0, "must be negative (a log-probability)"),
+    "gamma": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "kl_coef": (lambda v: v > 0, "must be positive"),
+    "tau": (lambda v: v <= 0, "must be <= 0 (a log-ratio threshold)"),
+    "rho": (lambda v: 0 < v <= 1, "must be in (0, 1] (a fraction of tokens)"),
+    "entropy_keep": (lambda v: 0 < v <= 1, "must be in (0, 1] (a fraction of tokens)"),
+    "entropy_threshold": (lambda v: v >= 0, "must be >= 0 (nats)"),
+    "fkl_coef": (lambda v: v >= 0, "must be >= 0"),
+    "top_k": (lambda v: v is None or _integer(v, 1), "must be null (all) or an integer >= 1"),
+    "clip_lambda": (
+        lambda v: 0 < v <= 0.5,
+        "must be in (0, 0.5] (so the clip log(λ/(1−λ)) is <= 0)",
+    ),
+    "switch_step": (lambda v: _integer(v, 0), "must be an integer >= 0 (a step)"),
+    "chunk_size": (lambda v: _integer(v, 1), "must be an integer >= 1 (positions per chunk)"),
+    "alpha": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "kl_budget": (lambda v: v >= 0, "must be >= 0 (nats per token)"),
+    "warmup_steps": (lambda v: _integer(v, 1), "must be an integer >= 1 (steps)"),
+    "student_top_k": (lambda v: _integer(v, 1), "must be an integer >= 1"),
+    "scale_rewards": (lambda v: isinstance(v, bool), "must be true or false"),
+}
+
+
 def _validate(name: str, method: Method, opt: dict[str, Any]) -> None:
-    for key, allowed in method.choices.items():
+    for key, allowed in {"loss_agg": LOSS_AGGS, **method.choices}.items():
         if opt[key] not in allowed:
             raise ValueError(f"{name}.{key}={opt[key]!r} is not one of {', '.join(allowed)}")
-    checks = {
-        "beta": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        "ppo_clip": (
-            lambda v: v is None or 0 < v < 1,
-            "must be null (off) or in (0, 1)",
-        ),
-        "logprob_floor": (lambda v: v < 0, "must be negative (a log-probability)"),
-        "gamma": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        "kl_coef": (lambda v: v > 0, "must be positive"),
-        "tau": (lambda v: v <= 0, "must be <= 0 (a log-ratio threshold)"),
-        "rho": (lambda v: 0 < v <= 1, "must be in (0, 1] (a fraction of tokens)"),
-        "entropy_keep": (lambda v: 0 < v <= 1, "must be in (0, 1] (a fraction of tokens)"),
-        "entropy_threshold": (lambda v: v >= 0, "must be >= 0 (nats)"),
-        "fkl_coef": (lambda v: v >= 0, "must be >= 0"),
-        "top_k": (lambda v: v is None or _integer(v, 1), "must be null (all) or an integer >= 1"),
-        "clip_lambda": (
-            lambda v: 0 < v <= 0.5,
-            "must be in (0, 0.5] (so the clip log(λ/(1−λ)) is <= 0)",
-        ),
-        "switch_step": (lambda v: _integer(v, 0), "must be an integer >= 0 (a step)"),
-        "chunk_size": (lambda v: _integer(v, 1), "must be an integer >= 1 (positions per chunk)"),
-        "alpha": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-        "kl_budget": (lambda v: v >= 0, "must be >= 0 (nats per token)"),
-        "warmup_steps": (lambda v: _integer(v, 1), "must be an integer >= 1 (steps)"),
-        "student_top_k": (lambda v: _integer(v, 1), "must be an integer >= 1"),
-        "scale_rewards": (lambda v: isinstance(v, bool), "must be true or false"),
-    }
-    checks.update(method.checks)
-    for key, (ok, why) in checks.items():
+    for key, (ok, why) in {**_CHECKS, **method.checks}.items():
         if key in opt and not _check(ok, opt[key]):
             raise ValueError(f"{name}.{key}={opt[key]!r} {why}")
 
