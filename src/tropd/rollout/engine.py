@@ -36,6 +36,11 @@ class Engine(Protocol):
         ...
 
 
+def per_prompt(params: SamplingParams | list[SamplingParams], n: int) -> list[SamplingParams]:
+    """`Engine.generate`'s params as one `SamplingParams` per prompt."""
+    return params if isinstance(params, list) else [params] * n
+
+
 class HFEngine:
     """Batched sampling from a Hugging Face causal LM with its KV cache, recording the
     sampler's log-probs.
@@ -81,7 +86,7 @@ def decode(
     synced = any(is_sharded(m) for m in models)
     if not prompts and not synced:
         return []
-    per_row = params if isinstance(params, list) else [params] * len(prompts)
+    per_row = per_prompt(params, len(prompts))
     budget = max((p.max_new_tokens for p in per_row), default=0)
     if synced:
         budget = _max_over_ranks(budget, models[0])

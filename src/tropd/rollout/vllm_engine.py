@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import torch
 
-from tropd.rollout.engine import Generation, SamplingParams
+from tropd.rollout.engine import Generation, SamplingParams, per_prompt
 
 
 class VLLMEngine:
@@ -56,7 +56,7 @@ class VLLMEngine:
 
         if not prompts:
             return []
-        per_row = params if isinstance(params, list) else [params] * len(prompts)
+        per_row = per_prompt(params, len(prompts))
         sampling = [
             VLLMSamplingParams(
                 max_tokens=p.max_new_tokens,

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load as load_tensors
 
 from tropd.batch import TokenBatch
-from tropd.rollout.engine import Generation, SamplingParams
+from tropd.rollout.engine import Generation, SamplingParams, per_prompt
 
 TOKEN_ENV = "TROPD_TEACHER_TOKEN"
 RETRIED_STATUS = {408, 429, 500, 502, 503, 504}
@@ -194,7 +194,7 @@ class TropdTeacher(RemoteTeacher):
         """Teacher samples (guidance prefixes); the `Engine` interface."""
         if not prompts:
             return []
-        per_row = params if isinstance(params, list) else [params] * len(prompts)
+        per_row = per_prompt(params, len(prompts))
         answer = self.call_json(
             "/v1/generate",
             {
@@ -278,7 +278,7 @@ class OpenAITeacher(RemoteTeacher):
     def generate(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
     ) -> list[Generation]:
-        per_row = params if isinstance(params, list) else [params] * len(prompts)
+        per_row = per_prompt(params, len(prompts))
         results: list[Generation | None] = [None] * len(prompts)
         for budget in sorted({p.max_new_tokens for p in per_row}):
             picked = [i for i, p in enumerate(per_row) if p.max_new_tokens == budget]
