@@ -76,7 +76,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common import cpu_info, markdown, write_atomic
+from common import (
+    OFFLINE_ENV,
+    STUDENT,
+    TEACHER,
+    ModelSpec,
+    cpu_info,
+    markdown,
+    qwen2_config,
+    run_worker_process,
+    write_atomic,
+)
 
 BATCH = 8
 PROMPT = 40
@@ -107,19 +117,6 @@ RESULT_MARKER = "@@memory-result@@ "
 WORKER_TIMEOUT_S = 900
 MIB = 2**20
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "memory"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-
-
-TEACHER = ModelSpec(hidden=512, layers=8, heads=8, kv_heads=8, intermediate=2048)
-STUDENT = ModelSpec(hidden=256, layers=4, heads=4, kv_heads=4, intermediate=1024)
 
 
 @dataclass(frozen=True)
@@ -198,23 +195,10 @@ def release_free_memory() -> None:
 
 def qwen2(spec: ModelSpec, vocab: int, seed: int):
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=spec.hidden,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        intermediate_size=spec.intermediate,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=1,
-    )
     torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config).float()
+    return Qwen2ForCausalLM(qwen2_config(spec, vocab, max_positions=2048)).float()
 
 
 def make_batch(vocab: int, length: int, rows: int = BATCH):
@@ -360,15 +344,7 @@ def worker(case: Case, data: Path, save: bool) -> dict[str, Any]:
 
 
 def run_worker(case: Case, data: Path, save: bool, glibc_default: bool) -> dict[str, Any]:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TRANSFORMERS_VERBOSITY": "error",
-    }
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if not glibc_default:
         env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
@@ -382,19 +358,8 @@ def run_worker(case: Case, data: Path, save: bool, glibc_default: bool) -> dict[
     ]
     if save:
         command.append("--save")
-    tic = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
-    wall = time.perf_counter() - tic
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return {**json.loads(line.removeprefix(RESULT_MARKER)), "worker_s": wall}
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-20:]
-    return {"error": f"exit code {proc.returncode}:\n" + "\n".join(tail), "worker_s": wall}
+    result, wall = run_worker_process(command, env, RESULT_MARKER, WORKER_TIMEOUT_S, tail=20)
+    return {**result, "worker_s": wall}
 
 
 def source_fingerprint() -> dict[str, Any]:

@@ -55,7 +55,6 @@ import random
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,7 +65,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import cpu_info, markdown, write_atomic
+from common import (
+    EOS,
+    OFFLINE_ENV,
+    PAD,
+    STUDENT,
+    TEACHER,
+    ModelSpec,
+    cpu_info,
+    markdown,
+    qwen2_config,
+    run_worker_process,
+    write_atomic,
+)
 
 SYSTEMS = ("tropd-opd", "tropd-tropd", "tropd-fkl_outlier", "trl-distill", "trl-gkd")
 PHASES = ("generate", "teacher", "train", "optimizer", "other")
@@ -77,7 +88,7 @@ FOREIGN_LIMIT = 0.15  # cores used by other processes during a step before it co
 RETRY_FACTOR = 3  # timed steps at most, as a multiple of the clean steps asked for
 TROPD_HORIZON = 1001  # run.steps of the tropd config: the guidance schedule's length
 TROPD_FIRST_STEP = TROPD_HORIZON // 2  # warm-up step; the prefix cap there is new_tokens / 2
-PAD, EOS, UNK = 0, 1, 2  # token ids of "t0", "t1", "t2"
+UNK = 2  # token id of "t2" (PAD "t0" and EOS "t1" are 0 and 1)
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
 )
@@ -94,21 +105,6 @@ FLOPS_FORMULA = (
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-
-    @property
-    def body_params(self) -> int:
-        """Matmul weights a token passes through, LM head and biases excluded."""
-        d, kv = self.hidden, self.kv_heads * self.hidden // self.heads
-        return self.layers * (2 * d * d + 2 * d * kv + 3 * d * self.intermediate)
-
-
-@dataclass(frozen=True)
 class Shape:
     name: str
     vocab: int = 49152
@@ -118,8 +114,6 @@ class Shape:
     reps: int = 2  # default repetitions (--reps overrides)
 
 
-STUDENT = ModelSpec(hidden=256, layers=4, heads=4, kv_heads=4, intermediate=1024)
-TEACHER = ModelSpec(hidden=512, layers=8, heads=8, kv_heads=8, intermediate=2048)
 SHAPES = {
     s.name: s
     for s in (
@@ -168,24 +162,6 @@ def build_tokenizer(vocab: int):
         unk_token=special[UNK],
         padding_side="left",
         chat_template=CHAT_TEMPLATE,
-    )
-
-
-def qwen2_config(spec: ModelSpec, vocab: int):
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=spec.hidden,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        intermediate_size=spec.intermediate,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        pad_token_id=PAD,
-        bos_token_id=EOS,  # Qwen2 convention: one end-of-text token for both
-        eos_token_id=EOS,
     )
 
 
@@ -603,14 +579,9 @@ def run_worker(system: str, shape: Shape, models: Path, args: argparse.Namespace
     """One fresh process; returns its result, or `{"error": ...}`."""
     env = {
         **os.environ,
+        **OFFLINE_ENV,
         "OMP_NUM_THREADS": str(args.threads),
         "MKL_NUM_THREADS": str(args.threads),
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",  # TRL trainers otherwise ping the Hub on creation
-        "TRANSFORMERS_VERBOSITY": "error",
         "TRL_EXPERIMENTAL_SILENCE": "1",
     }
     command = [
@@ -627,18 +598,8 @@ def run_worker(system: str, shape: Shape, models: Path, args: argparse.Namespace
         "--threads",
         str(args.threads),
     ]
-    base = {"system": system, "shape": shape.name}
-    try:
-        proc = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S
-        )
-    except subprocess.TimeoutExpired:
-        return {**base, "error": f"timed out after {WORKER_TIMEOUT_S} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line.removeprefix(RESULT_MARKER))
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-25:]
-    return {**base, "error": f"exit code {proc.returncode}:\n" + "\n".join(tail)}
+    result, _ = run_worker_process(command, env, RESULT_MARKER, WORKER_TIMEOUT_S)
+    return result if "error" not in result else {"system": system, "shape": shape.name, **result}
 
 
 # --- summary and report -----------------------------------------------------------
