@@ -90,18 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
     console = Console(stderr=True)
     try:
-        if args.command == "train":
-            return _train(args, console)
-        if args.command == "eval":
-            return _eval(args, console)
-        if args.command == "prune":
-            return _prune(args, console)
-        if args.command == "serve-teacher":
-            return _serve_teacher(args, console)
-        if args.command == "demo":
-            return _demo(args, console)
-        if args.command == "plot":
-            return _plot(args, console)
+        commands = {
+            "train": _train,
+            "eval": _eval,
+            "prune": _prune,
+            "serve-teacher": _serve_teacher,
+            "demo": _demo,
+            "plot": _plot,
+        }
+        if args.command in commands:
+            return commands[args.command](args, console)
         if args.command == "config":
             _config_reference()
         else:
