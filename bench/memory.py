@@ -266,7 +266,7 @@ def worker(case: Case, data: Path, save: bool) -> dict[str, Any]:
     torch.set_num_threads(1)
     batch_file = data / f"scored-v{case.vocab}-t{case.length}.pt"
     if case.op == "teacher-backbone":
-        from tropd.teacher import final_hidden_states
+        from tropd.head import final_hidden_states
 
         teacher = qwen2(TEACHER, case.vocab, SEED).eval()
         batch = make_batch(case.vocab, case.length)

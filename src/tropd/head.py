@@ -1,4 +1,5 @@
-"""The LM head applied by tropd itself instead of inside the model's forward.
+"""The LM head applied by tropd itself instead of inside the model's forward: the one
+place that turns final hidden states into logits (soft-capping included).
 
 Chunked for training: log-probs at chosen ids without a `[B, T, V]` tensor.
 
@@ -10,17 +11,23 @@ a time; the student entropy of the SPEC §2.7 metrics comes out of the same pass
 recomputed there (one more head matmul each), so memory grows with the chunk, not with
 B·T·V. The estimators `token_logprobs` and `entropy` accept it in place of a logits
 tensor, so every method whose rule reads the student only through them
-(`Method.chunked_head`) runs unchanged on it.
+(`Objective.chunked_head`) runs unchanged on it.
+
+Chunked for scoring: `chunked_head_logits` runs a model's decoder once and yields the fp32
+logits at chosen positions `chunk_size` rows at a time (`head_logits`, with the model's
+final-logit soft-capping), for the teacher's scores and the exact reverse KL.
 
 Direct for sampling: `hidden_only` runs the model without its head and `lm_head` applies
-it in the orientation that is fast for a few rows (`tropd.rollout.engine.decode`). Both
-are used only where `chunked_head_supported` has checked that they reproduce the model's
-own logits.
+it in the orientation that is fast for a few rows (`tropd.rollout.engine.decode`).
+`HeadLogits` and `lm_head` apply a plain linear head, so they are used only where
+`chunked_head_supported` has checked that this reproduces the model's own logits (a
+soft-capped head is not: such a model keeps its own head in training and sampling).
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 
 import torch
 
@@ -179,6 +186,40 @@ def _blocks(n: int, split: int) -> list[slice]:
         for begin, end in ((0, split), (split, n))
         for start in range(begin, end, BLOCK)
     ]
+
+
+def final_hidden_states(model, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states `[B, T, H]`, without the LM head."""
+    return model.base_model(input_ids=tokens, attention_mask=attention_mask).last_hidden_state
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """LM-head logits in fp32 for hidden states `[N, H]` -> `[N, V]`, with the model's
+    final-logit soft-capping when it has one (Gemma-style)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def chunked_head_logits(
+    model,
+    tokens: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: tuple[torch.Tensor, torch.Tensor],
+    chunk_size: int,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Run the decoder over `tokens [B, T]` once, then yield the fp32 logits `[C, V]`
+    (`head_logits`) of the distributions over the tokens at `positions` (`(rows [N],
+    cols [N])`, cols >= 1: token t is predicted at t - 1), `chunk_size` of them at a time,
+    each with the slice of the N positions it covers. No `[B, T, V]` tensor is formed; a
+    caller that keeps no reference to a chunk holds one `[chunk_size, V]` at a time."""
+    rows, cols = positions
+    predicting = final_hidden_states(model, tokens, attention_mask)[rows, cols - 1]
+    for start in range(0, rows.numel(), chunk_size):
+        part = slice(start, start + chunk_size)
+        yield part, head_logits(model, predicting[part])
 
 
 def hidden_only(model, **inputs):

@@ -5,21 +5,7 @@ from __future__ import annotations
 import torch
 
 from tropd.batch import TokenBatch
-
-
-def final_hidden_states(model, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The decoder's last hidden states `[B, T, H]`, without the LM head."""
-    return model.base_model(input_ids=tokens, attention_mask=attention_mask).last_hidden_state
-
-
-def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """LM-head logits in fp32 for hidden states `[N, H]` -> `[N, V]`, with the model's
-    final-logit soft-capping when it has one (Gemma-style)."""
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+from tropd.head import chunked_head_logits
 
 
 @torch.no_grad()
@@ -40,19 +26,15 @@ def score_batch(
     top-k fields None and `entropy=False` the entropy (a method that reads neither).
     """
     bsz, length = batch.tokens.shape
-    hidden = final_hidden_states(model, batch.tokens, batch.attention_mask)
-    rows, cols = batch.response_mask.nonzero(as_tuple=True)
-    # The distribution over token t is produced at position t - 1 (responses never start at 0).
-    predicting = hidden[rows, cols - 1]
-    targets = batch.tokens[rows, cols]
-    n = rows.numel()
-    token_lp = torch.zeros(n, device=hidden.device)
-    top_lp = torch.zeros(n, top_k, device=hidden.device)
-    top_ids = torch.zeros(n, top_k, dtype=torch.long, device=hidden.device)
-    ent = torch.zeros(n, device=hidden.device)
-    for start in range(0, n, chunk_size):
-        part = slice(start, start + chunk_size)
-        logits = head_logits(model, predicting[part])
+    positions = batch.response_mask.nonzero(as_tuple=True)
+    targets = batch.tokens[positions]
+    n, device = targets.numel(), batch.tokens.device
+    token_lp = torch.zeros(n, device=device)
+    top_lp = torch.zeros(n, top_k, device=device)
+    top_ids = torch.zeros(n, top_k, dtype=torch.long, device=device)
+    ent = torch.zeros(n, device=device)
+    chunks = chunked_head_logits(model, batch.tokens, batch.attention_mask, positions, chunk_size)
+    for part, logits in chunks:
         lse = logits.logsumexp(-1, keepdim=True)
         token_lp[part] = (logits.gather(-1, targets[part, None]) - lse).squeeze(-1)
         if top_k:
@@ -61,11 +43,11 @@ def score_batch(
         if entropy:
             probs = (logits - lse).exp_()
             ent[part] = lse.squeeze(-1) - torch.linalg.vecdot(probs, logits)
-        del logits
+        del logits  # the next chunk is formed before this name would be rebound
 
     def scatter(values: torch.Tensor, *tail: int, dtype=torch.float32) -> torch.Tensor:
-        out = torch.zeros(bsz, length, *tail, dtype=dtype, device=hidden.device)
-        out[rows, cols] = values
+        out = torch.zeros(bsz, length, *tail, dtype=dtype, device=device)
+        out[positions] = values
         return out
 
     return batch.replace(

@@ -6,8 +6,8 @@ import torch
 
 from tropd.batch import TokenBatch
 from tropd.evaluation import score_responses
+from tropd.head import chunked_head_logits
 from tropd.rollout import Engine, SamplingParams, collect_rollouts
-from tropd.teacher import final_hidden_states, head_logits
 
 
 @torch.no_grad()
@@ -17,16 +17,16 @@ def reverse_kl(student, teacher, batch: TokenBatch, chunk_size: int = 1024) -> f
     positions = batch.student_mask.nonzero(as_tuple=True)
     if positions[0].numel() == 0:
         return 0.0
-    rows, cols = positions
-    student_h = final_hidden_states(student, batch.tokens, batch.attention_mask)[rows, cols - 1]
-    teacher_h = final_hidden_states(teacher, batch.tokens, batch.attention_mask)[rows, cols - 1]
+    both = [
+        chunked_head_logits(model, batch.tokens, batch.attention_mask, positions, chunk_size)
+        for model in (student, teacher)
+    ]
     total = 0.0
-    for start in range(0, rows.numel(), chunk_size):
-        part = slice(start, start + chunk_size)
-        lp_s = torch.log_softmax(head_logits(student, student_h[part]), -1)
-        lp_t = torch.log_softmax(head_logits(teacher, teacher_h[part]), -1)
+    for (_, student_logits), (_, teacher_logits) in zip(*both, strict=True):
+        lp_s = torch.log_softmax(student_logits, -1)
+        lp_t = torch.log_softmax(teacher_logits, -1)
         total += float((lp_s.exp() * (lp_s - lp_t)).sum())
-    return total / rows.numel()
+    return total / positions[0].numel()
 
 
 def evaluate(
