@@ -1,9 +1,7 @@
 """The baselines of SPEC §3, each a short rule over the shared estimators and routers.
 
-Same contract as `methods.py`: `(student_logits [B, T, V], batch, options, generator,
-step)` -> `(token_loss [B, T], trained_mask [B, T] bool, metrics)`, `metrics` mapping
-names to `(values [B, T], mask [B, T])` pairs. `step` is the 1-based optimizer step (or
-None when the caller does not say); only `reopold`'s two-stage selection reads it.
+Each is registered beside its declaration (the rule contract:
+`tropd.objectives.registry`); only `reopold`'s two-stage selection reads the step.
 
 Selections and normalisations "in the batch" (top-ρ by entropy, quantiles, group
 statistics) are over the rows of one call: with micro-batching that is a micro-batch,
@@ -30,9 +28,9 @@ from tropd.objectives.estimators import (
     topk_forward_kl,
     topk_generalized_jsd,
 )
+from tropd.objectives.methods import TROPD_PAPER
+from tropd.objectives.registry import MethodResult, never, register
 from tropd.objectives.routers import quantile_normalize, top_fraction
-
-MethodResult = tuple[torch.Tensor, torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]
 
 ENTROPY_CHUNK = 1024  # positions per chunk when scoring the student's entropy
 ADVANTAGE_EPS = 1e-4  # added to the group std before dividing (as TRL's GRPO)
@@ -66,9 +64,14 @@ def _need(batch: TokenBatch, name: str, method: str, hint: str) -> None:
         raise ValueError(f"{method} needs batch.{name}; {hint}")
 
 
-def entropy_opd(
-    student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step
-) -> MethodResult:
+@register(
+    "entropy_opd",
+    defaults={"rho": 0.2, "kl_coef": 1.0, "ppo_clip": None},
+    summary="OPD only on the top ρ of student tokens by student entropy",
+    paper=TROPD_PAPER + " (Entropy-OPD baseline)",
+    teacher_topk=never,
+)
+def entropy_opd(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
     """Entropy OPD: the OPD loss only on the top `rho` of student tokens by student entropy.
 
     Tokens not selected count as zero in the aggregation (they stay in its denominator).
@@ -80,7 +83,20 @@ def entropy_opd(
     return torch.where(selected, loss, 0.0), student, {"selected_fraction": (selected, student)}
 
 
-def eopd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step) -> MethodResult:
+@register(
+    "eopd",
+    defaults={
+        "ppo_clip": 0.2,
+        "entropy_threshold": 0.8,
+        "top_k": 16,
+        "fkl_coef": 1.0,
+        "logprob_floor": -30.0,
+    },
+    summary="PPO-clipped OPD + top-k FKL where the teacher's entropy > τ",
+    paper="EOPD, arXiv 2603.07079",
+    teacher_entropy=True,
+)
+def eopd(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
     """EOPD: PPO-clipped OPD on every student token, plus `fkl_coef` times the top-k
     forward KL on tokens where the teacher's full-vocabulary entropy exceeds
     `entropy_threshold`. The FKL uses the `top_k` most likely of the scored teacher ids
@@ -115,8 +131,22 @@ def _reopold_stage(opt: dict[str, Any], step: int | None) -> str:
     return "reward" if step < opt["switch_step"] else "entropy"
 
 
+@register(
+    "reopold",
+    defaults={
+        "clip_lambda": 0.2,
+        "selection": "entropy",
+        "entropy_keep": 0.2,
+        "switch_step": 100,
+        "ppo_clip": None,
+    },
+    summary="OPD with reward max(r_t, log(λ/(1−λ))) on the top-β by student entropy",
+    paper="REOPOLD, Ko et al. 2026, arXiv 2603.11137",
+    teacher_topk=never,
+    choices={"selection": ("entropy", "reward", "two_stage")},
+)
 def reopold(
-    student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step
+    student_logits, batch: TokenBatch, opt: dict[str, Any], *, step: int | None
 ) -> MethodResult:
     """REOPOLD: OPD with the reward clipped from below, `max(r_t, log(λ / (1 - λ)))`.
 
@@ -138,9 +168,15 @@ def reopold(
     )
 
 
-def jsd_topk(
-    student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step
-) -> MethodResult:
+@register(
+    "jsd_topk",
+    defaults={"beta": 0.5},
+    summary="β·Σ_top-k π_T log(π_T/M) + (1−β)·PG of log(π_S/M), M = βπ_T + (1−β)π_S",
+    paper=TROPD_PAPER + " (JSD baseline)",
+    chunked_head=False,
+    checks={"beta": (lambda v: 0 < v < 1, "must be in (0, 1)")},
+)
+def jsd_topk(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
     """Top-k JSD(β) on student tokens (`estimators.sampled_topk_jsd`)."""
     student = batch.student_mask
     loss = sampled_topk_jsd(
@@ -155,7 +191,16 @@ def jsd_topk(
     return torch.where(student, loss, 0.0), student, {"jsd": (loss.detach(), student)}
 
 
-def gkd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step) -> MethodResult:
+@register(
+    "gkd",
+    defaults={"beta": 0.5, "logprob_floor": -30.0, "chunk_size": 1024},
+    summary="generalized JSD(β) over the vocabulary (top-k + remainder bucket) at every response "
+    "token",
+    paper="GKD, Agarwal et al., arXiv 2306.13649",
+    trains_prefix=True,
+    chunked_head=False,
+)
+def gkd(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
     """GKD: generalized JSD(β) at every response position (student samples and teacher
     sequences alike), over the teacher's top-k plus a remainder bucket: exact over the
     full vocabulary when `teacher.top_k` equals the vocabulary size (see
@@ -177,7 +222,17 @@ def gkd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step)
     return torch.where(trained, divergence, 0.0), trained, {"gkd_divergence": (divergence, trained)}
 
 
-def seqkd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step) -> MethodResult:
+@register(
+    "seqkd",
+    defaults={},
+    summary="−lpS on teacher-written tokens (SFT on teacher responses)",
+    paper="SeqKD, Kim & Rush 2016 (SPEC §3: SFT / SeqKD, off-policy distillation)",
+    guidance=True,
+    trains_prefix=True,
+    trains_student=False,
+    teacher_topk=never,
+)
+def seqkd(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
     """SeqKD / SFT on teacher-generated responses: `-log pi_S(x_t)` on teacher tokens
     (origin TEACHER). Student tokens, if any, are neither trained nor counted."""
     teacher = batch.teacher_mask
@@ -185,7 +240,14 @@ def seqkd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, ste
     return torch.where(teacher, nll, 0.0), teacher, {}
 
 
-def top_d(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step) -> MethodResult:
+@register(
+    "top_d",
+    defaults={"alpha": 0.1, "ppo_clip": 0.2},
+    summary="reward log(α·e^r + 1 − α), length-normalised return, group z-score, PPO clip",
+    paper="TOP-D, arXiv 2607.04751",
+    teacher_topk=never,
+)
+def top_d(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
     """TOP-D: proximal-teacher reward `log(α e^{r_t} + 1 - α)` (the log-ratio of the
     mixture `α pi_T + (1 - α) q` to q, bounded below by `log(1 - α)`), summed to the end of
     the response and divided by the response's student-token count (length-normalised
@@ -205,7 +267,15 @@ def top_d(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, ste
     return torch.where(student, loss, 0.0), student, {"proximal_reward": (proximal, student)}
 
 
-def trb(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step) -> MethodResult:
+@register(
+    "trb",
+    defaults={"kl_budget": 0.1, "warmup_steps": 50, "kl_coef": 1.0, "ppo_clip": None},
+    summary="reverse-KL OPD on rollouts from π_S^(1−b)·π_T^b, KL(μ‖π_S) ≤ ε_k annealed to 0",
+    paper="TRB, Plyusov et al. 2026, arXiv 2605.31159",
+    rollout="blend",
+    teacher_topk=never,
+)
+def trb(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
     """TRB: the per-prefix reverse-KL OPD loss on rollouts sampled from the blended
     behaviour policy μ (`tropd.rollout.blend.BlendEngine`, which records `lq = log μ`).
 
@@ -222,7 +292,20 @@ def trb(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step)
     return torch.where(student, loss, 0.0), student, {"importance_ratio": (ratio, student)}
 
 
-def ta_opd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step) -> MethodResult:
+@register(
+    "ta_opd",
+    defaults={
+        "rho": 0.2,
+        "student_top_k": 16,
+        "kl_coef": 1.0,
+        "ppo_clip": None,
+        "logprob_floor": -30.0,
+    },
+    summary="OPD only on the top ρ by quantile(D_t)·quantile(C_t) (teachability)",
+    paper="TA-OPD, arXiv 2605.26844",
+    chunked_head=False,
+)
+def ta_opd(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
     """TA-OPD (token teachability): OPD only on the top `rho` of student tokens by
     `D̂_t · Ĉ_t`, the batch quantiles of
 
@@ -265,7 +348,7 @@ def ta_opd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, st
 
 def _task_advantage(batch: TokenBatch, method: str, scale: bool = True) -> torch.Tensor:
     """`[B]` verifier reward normalised within each prompt group."""
-    hint = "set needs_reward on its registry entry so the loop fills it from the verifier"
+    hint = "declare needs_reward=True in its @register so the loop fills it from the verifier"
     _need(batch, "reward", method, hint)
     _need(batch, "group", method, "collect_rollouts sets it (rows of one prompt share it)")
     reward = batch.reward.to(torch.promote_types(batch.reward.dtype, torch.float32))
@@ -280,7 +363,15 @@ def _per_row(values: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, to
     return values[:, None].expand(like.shape), rows
 
 
-def grpo(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step) -> MethodResult:
+@register(
+    "grpo",
+    defaults={"ppo_clip": 0.2, "scale_rewards": True},
+    summary="−ratio·A, A = group-normalised verifier reward (no teacher)",
+    paper="GRPO (Shao et al. 2024), the RL baseline of Thinking Machines' OPD post",
+    needs_reward=True,
+    teacher_topk=never,
+)
+def grpo(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
     """GRPO: the verifier's reward, normalised within each prompt group (`scale_rewards`:
     divide by the group's std), as the advantage of every student token of the row;
     PPO-clipped importance-sampled policy gradient. No teacher and no KL penalty."""
@@ -296,9 +387,15 @@ def grpo(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step
     )
 
 
-def opd_task(
-    student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step
-) -> MethodResult:
+@register(
+    "opd_task",
+    defaults={"kl_coef": 1.0, "gamma": 0.0, "ppo_clip": None},
+    summary="OPD with advantage A_task + kl_coef·r_t (A_task: group-normalised verifier reward)",
+    paper="Thinking Machines, On-Policy Distillation (2025)",
+    needs_reward=True,
+    teacher_topk=never,
+)
+def opd_task(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
     """OPD + task reward (SPEC §1): advantage `A_t = A_task + kl_coef * G_t`, `A_task` the
     group-normalised verifier reward of the row, `G_t` OPD's (discounted) reward."""
     student = batch.student_mask

@@ -1,9 +1,5 @@
-"""The distillation methods of SPEC.md, each a short rule over the shared estimators.
-
-A method function takes `(student_logits [B, T, V], batch, options, generator, step)` and
-returns `(token_loss [B, T], trained_mask [B, T] bool, metrics)`, where `metrics` maps
-names to `(values [B, T], mask [B, T])` pairs that the registry averages.
-"""
+"""The distillation methods of SPEC.md, each a short rule over the shared estimators,
+registered beside its declaration (the rule contract: `tropd.objectives.registry`)."""
 
 from __future__ import annotations
 
@@ -19,9 +15,12 @@ from tropd.objectives.estimators import (
     token_logprobs,
     topk_forward_kl,
 )
-from tropd.objectives.routers import trust_weight
+from tropd.objectives.registry import MethodResult, never, preset, register
+from tropd.objectives.routers import TRUST_GATES, trust_weight
 
-MethodResult = tuple[torch.Tensor, torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]
+OUTLIERS = ("fkl", "mask", "clip")
+DEFAULT_TAU = -1.3862943611198906  # log(0.2 / 0.8), REOPOLD's lambda = 0.2
+TROPD_PAPER = "Xing et al. 2026, arXiv 2606.01249"
 
 
 def _student_reward(batch: TokenBatch) -> torch.Tensor:
@@ -30,7 +29,14 @@ def _student_reward(batch: TokenBatch) -> torch.Tensor:
     return torch.where(batch.student_mask, reward, 0.0)
 
 
-def opd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step) -> MethodResult:
+@register(
+    "opd",
+    defaults={"kl_coef": 1.0, "ppo_clip": None, "gamma": 0.0},
+    summary="-exp(lpS-lq)·r_t, r_t = lpT-lq, on student tokens",
+    paper="Thinking Machines, On-Policy Distillation (2025)",
+    teacher_topk=never,
+)
+def opd(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
     """OPD (SPEC §1): `-exp(lpS - lq) * kl_coef * r_t` on student tokens."""
     student = batch.student_mask
     lp_student = token_logprobs(student_logits, batch.tokens)
@@ -41,7 +47,30 @@ def opd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step)
     return torch.where(student, token_loss, 0.0), student, {}
 
 
-def tropd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step) -> MethodResult:
+def _fkl_outliers(options: dict[str, Any]) -> bool:
+    return options["outlier"] == "fkl"
+
+
+@register(
+    "tropd",
+    defaults={
+        "trust_gate": "hard",
+        "outlier": "fkl",
+        "tau": DEFAULT_TAU,
+        "beta": 0.001,
+        "logprob_floor": -30.0,
+        "ppo_clip": None,
+    },
+    summary="trust gate min(1,e^r): OPD in region, top-k FKL on outliers, β·NLL on teacher prefix",
+    paper=TROPD_PAPER,
+    guidance=True,
+    trains_prefix=True,
+    teacher_topk=_fkl_outliers,
+    choices={"trust_gate": TRUST_GATES, "outlier": OUTLIERS},
+)
+def tropd(
+    student_logits, batch: TokenBatch, opt: dict[str, Any], *, generator: torch.Generator | None
+) -> MethodResult:
     """TrOPD (SPEC §2): trust-region OPD, an outlier estimator, guidance on teacher tokens.
 
     Student tokens: `w * PG(r) + (1 - w) * outlier`, `w` from the trust gate.
@@ -89,9 +118,37 @@ def tropd(student_logits, batch: TokenBatch, opt: dict[str, Any], generator, ste
     return token_loss, student | teacher, metrics
 
 
-def topk_fkl(
-    student_logits, batch: TokenBatch, opt: dict[str, Any], generator, step
-) -> MethodResult:
+# The paper's ablation rows: TrOPD's rule and declaration, without teacher prefixes.
+preset(
+    "fkl_outlier",
+    "tropd",
+    "TrOPD's trust gate and top-k FKL outliers, no teacher prefixes",
+    options={},
+    guidance=False,
+)
+preset(
+    "mask_outlier",
+    "tropd",
+    "OPD only on tokens with r_t > τ",
+    options={"trust_gate": "threshold", "outlier": "mask"},
+    guidance=False,
+)
+preset(
+    "clip_outlier",
+    "tropd",
+    "OPD with reward max(r_t, τ) (REOPOLD's clip)",
+    options={"trust_gate": "threshold", "outlier": "clip"},
+    guidance=False,
+)
+
+
+@register(
+    "topk_fkl",
+    defaults={"logprob_floor": -30.0},
+    summary="Σ_{v∈top-k} π_T(v)(lpT_v − lpS_v) on every student token (negative control)",
+    paper=TROPD_PAPER,
+)
+def topk_fkl(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
     """Standalone top-k forward KL on every student token (the paper's negative control)."""
     student = batch.student_mask
     kl, floor_hits = topk_forward_kl(

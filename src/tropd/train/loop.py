@@ -211,7 +211,7 @@ def rollout(
     if setup.vllm is not None:  # vLLM samples from its own copy: bring it up to date
         setup.vllm.push_weights(distributed.full_parameters(setup.student))
         engine = setup.vllm
-    if setup.objective.method.rollout == "blend":
+    if setup.objective.blended_rollout:
         o = setup.objective.options
         epsilon = blend_budget(step - 1, o["kl_budget"], o["warmup_steps"])
         engine = BlendEngine(setup.student, setup.teacher, epsilon, pad, eos)
@@ -350,7 +350,7 @@ def build(config: Config, run_dir: Path) -> Setup:
         memory = config.rollout.vllm_memory
         vllm = VLLMEngine(path, tokenizer.eos_token_id, memory, m.dtype, config.run.seed)
     if config.teacher.url:
-        if objective.method.rollout == "blend":
+        if objective.blended_rollout:
             raise ConfigError(
                 f"teacher.url: objective {objective.name} samples from the teacher's logits "
                 "during generation, which needs a local teacher; unset teacher.url"
