@@ -133,7 +133,7 @@ def test_every_baseline_is_registered_with_its_paper_defaults() -> None:
         "entropy_opd": {"rho": 0.2},
         "eopd": {"ppo_clip": 0.2, "entropy_threshold": 0.8, "top_k": 16},
         "reopold": {"clip_lambda": 0.2},
-        "jsd_topk": {"beta": 0.5},
+        "jsd_topk": {"jsd_beta": 0.5},
         "top_d": {"alpha": 0.1, "ppo_clip": 0.2},
         "grpo": {"ppo_clip": 0.2},
     }
@@ -164,9 +164,9 @@ def test_every_baseline_is_registered_with_its_paper_defaults() -> None:
         ("reopold", "entropy_keep", 0.0),
         ("reopold", "switch_step", -1),
         ("reopold", "selection", "both"),
-        ("jsd_topk", "beta", 0.0),
-        ("jsd_topk", "beta", 1.0),
-        ("gkd", "beta", 1.5),
+        ("jsd_topk", "jsd_beta", 0.0),
+        ("jsd_topk", "jsd_beta", 1.0),
+        ("gkd", "jsd_beta", 1.5),
         ("gkd", "chunk_size", 0),
         ("top_d", "alpha", 0.0),
         ("top_d", "ppo_clip", 1.0),
@@ -186,10 +186,29 @@ def test_bad_baseline_option_is_one_line_naming_it(name, key, value) -> None:
 
 
 def test_gkd_beta_takes_the_kl_endpoints_but_jsd_topk_does_not() -> None:
-    assert get_objective("gkd", beta=0.0).options["beta"] == 0.0
-    assert get_objective("gkd", beta=1.0).options["beta"] == 1.0
+    assert get_objective("gkd", jsd_beta=0.0).options["jsd_beta"] == 0.0
+    assert get_objective("gkd", jsd_beta=1.0).options["jsd_beta"] == 1.0
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
-        get_objective("jsd_topk", beta=1.0)
+        get_objective("jsd_topk", jsd_beta=1.0)
+
+
+@pytest.mark.parametrize("name", ["jsd_topk", "gkd"])
+def test_beta_is_a_deprecated_alias_of_jsd_beta(name: str) -> None:
+    with pytest.warns(DeprecationWarning, match=rf"{name}\.beta .* use {name}\.jsd_beta"):
+        objective = get_objective(name, beta=0.3)
+    assert objective.options["jsd_beta"] == 0.3 and "beta" not in objective.options
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=r"\(0, 1\)|\[0, 1\]"):
+        get_objective(name, beta=1.5)
+    with pytest.raises(ValueError, match="jsd_beta only"):
+        get_objective(name, beta=0.3, jsd_beta=0.3)
+
+
+def test_tropd_beta_is_the_guidance_weight_not_an_alias() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert get_objective("tropd", beta=0.3).options["beta"] == 0.3
+    with pytest.raises(ValueError, match="jsd_beta"):
+        get_objective("tropd", jsd_beta=0.3)
 
 
 def full_batch(seed: int = 3) -> Rows:
@@ -406,7 +425,7 @@ def test_jsd_topk_is_unbiased_for_its_definition(k: int, beta: float, off_policy
     teacher = 2.0 * torch.randn(V, dtype=torch.float64, generator=gen)
     sampler = torch.randn(V, dtype=torch.float64, generator=gen) if off_policy else None
     case = one_position(theta, teacher, sampler, k=k)
-    out = get_objective("jsd_topk", beta=beta)(case.logits, case.batch)
+    out = get_objective("jsd_topk", jsd_beta=beta)(case.logits, case.batch)
     loss = expected_loss(out.token_loss, case.q)
     (grad,) = torch.autograd.grad(loss, theta)
 
@@ -436,7 +455,7 @@ def gkd_rows(seed: int = 2, k: int = V) -> Rows:
 @pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
 def test_gkd_with_full_top_k_is_the_full_vocabulary_jsd(beta: float) -> None:
     case = gkd_rows()
-    out = get_objective("gkd", beta=beta, loss_agg="seq_sum")(case.theta, case.batch)
+    out = get_objective("gkd", jsd_beta=beta, loss_agg="seq_sum")(case.theta, case.batch)
     lp_s = torch.log_softmax(case.theta, -1)
     reference = jsd_by_definition(lp_s, case.teacher_lp, beta)
     trained = case.batch.response_mask
@@ -452,7 +471,7 @@ def test_gkd_with_full_top_k_is_the_full_vocabulary_jsd(beta: float) -> None:
 @pytest.mark.parametrize("k", [1, 3])
 def test_gkd_below_full_k_uses_one_remainder_bucket(beta: float, k: int) -> None:
     case = gkd_rows(k=k)
-    out = get_objective("gkd", beta=beta)(case.theta, case.batch)
+    out = get_objective("gkd", jsd_beta=beta)(case.theta, case.batch)
     lp_s, lp_t = case.student_lp, case.teacher_lp
     trained = case.batch.response_mask
     for b, t in trained.nonzero().tolist():
@@ -507,7 +526,7 @@ def test_gkd_agrees_with_trl_generalized_jsd(trl_generalized_jsd, beta: float, d
         teacher_topk_ids=top.indices,
         teacher_topk_logprobs=top.values,
     )
-    out = get_objective("gkd", beta=beta)(student, batch)
+    out = get_objective("gkd", jsd_beta=beta)(student, batch)
     reference = trl_generalized_jsd(student, teacher, beta=beta, temperature=1.0, reduction="none")
     reference = reference.sum(-1)
     tolerance = 1e-12 if dtype == torch.float64 else 2e-5

@@ -34,6 +34,9 @@ from tropd.objectives.routers import quantile_normalize, top_fraction
 
 ENTROPY_CHUNK = 1024  # positions per chunk when scoring the student's entropy
 ADVANTAGE_EPS = 1e-4  # added to the group std before dividing (as TRL's GRPO)
+# The JSD's mixing weight was once `beta`, the name TrOPD gives its guidance weight: the
+# old spelling is accepted (with a DeprecationWarning) until tropd 0.2.
+JSD_BETA_ALIAS = {"beta": "jsd_beta"}
 
 
 def _logprobs_and_reward(student_logits, batch: TokenBatch):
@@ -170,14 +173,15 @@ def reopold(
 
 @register(
     "jsd_topk",
-    defaults={"beta": 0.5},
+    defaults={"jsd_beta": 0.5},
     summary="β·Σ_top-k π_T log(π_T/M) + (1−β)·PG of log(π_S/M), M = βπ_T + (1−β)π_S",
     paper=TROPD_PAPER + " (JSD baseline)",
     chunked_head=False,
-    checks={"beta": (lambda v: 0 < v < 1, "must be in (0, 1)")},
+    checks={"jsd_beta": (lambda v: 0 < v < 1, "must be in (0, 1)")},
+    aliases=JSD_BETA_ALIAS,
 )
 def jsd_topk(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
-    """Top-k JSD(β) on student tokens (`estimators.sampled_topk_jsd`)."""
+    """Top-k JSD(β) on student tokens (`estimators.sampled_topk_jsd`), β = `jsd_beta`."""
     student = batch.student_mask
     loss = sampled_topk_jsd(
         student_logits,
@@ -186,25 +190,26 @@ def jsd_topk(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodRe
         batch.teacher_logprobs,
         batch.teacher_topk_ids,
         batch.teacher_topk_logprobs,
-        opt["beta"],
+        opt["jsd_beta"],
     )
     return torch.where(student, loss, 0.0), student, {"jsd": (loss.detach(), student)}
 
 
 @register(
     "gkd",
-    defaults={"beta": 0.5, "logprob_floor": -30.0, "chunk_size": 1024},
+    defaults={"jsd_beta": 0.5, "logprob_floor": -30.0, "chunk_size": 1024},
     summary="generalized JSD(β) over the vocabulary (top-k + remainder bucket) at every response "
     "token",
     paper="GKD, Agarwal et al., arXiv 2306.13649",
     trains_prefix=True,
     chunked_head=False,
+    aliases=JSD_BETA_ALIAS,
 )
 def gkd(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
-    """GKD: generalized JSD(β) at every response position (student samples and teacher
-    sequences alike), over the teacher's top-k plus a remainder bucket: exact over the
-    full vocabulary when `teacher.top_k` equals the vocabulary size (see
-    `estimators.topk_generalized_jsd`). Differentiated directly, no sampling estimator.
+    """GKD: generalized JSD(β), β = `jsd_beta`, at every response position (student
+    samples and teacher sequences alike), over the teacher's top-k plus a remainder
+    bucket: exact over the full vocabulary when `teacher.top_k` equals the vocabulary size
+    (see `estimators.topk_generalized_jsd`). Differentiated directly, no sampling estimator.
 
     GKD's on-policy fraction λ is set by the rollout, not here: with `guidance.enabled:
     true`, `guidance.schedule: constant` and `guidance.guided_fraction: 1 - λ`, that share
@@ -215,7 +220,7 @@ def gkd(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
         student_logits,
         batch.teacher_topk_ids,
         batch.teacher_topk_logprobs,
-        opt["beta"],
+        opt["jsd_beta"],
         opt["logprob_floor"],
         opt["chunk_size"],
     )

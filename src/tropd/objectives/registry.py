@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,8 @@ class Method:
     teacher_topk: Callable[[dict[str, Any]], bool] = always
     teacher_entropy: bool = False
     reads: tuple[str, ...] = ()  # which of `CONTEXT` the rule takes (from its signature)
+    # Deprecated option spellings -> the current names: accepted with a DeprecationWarning.
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 REGISTRY: dict[str, Method] = {}
@@ -90,6 +93,7 @@ def resolve_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     if name not in REGISTRY:
         raise ValueError(f"unknown objective {name!r}; valid: {', '.join(sorted(REGISTRY))}")
     method = REGISTRY[name]
+    options = _renamed(name, method.aliases, options)
     unknown = sorted(set(options) - set(method.defaults))
     if unknown:
         raise ValueError(
@@ -106,6 +110,24 @@ def resolve_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+def _renamed(name: str, aliases: dict[str, str], options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with deprecated spellings replaced by the current option names."""
+    options = dict(options)
+    for old, new in aliases.items():
+        if old not in options:
+            continue
+        if new in options:
+            raise ValueError(f"{name}: give {new} only ({old} is its deprecated spelling)")
+        warnings.warn(
+            f"objective option {name}.{old} is deprecated and will be removed in tropd 0.2; "
+            f"use {name}.{new} (same meaning)",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        options[new] = options.pop(old)
+    return options
+
+
 def _integer(value: Any, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
@@ -120,6 +142,7 @@ def _check(ok: Callable[[Any], bool], value: Any) -> bool:
 # Option checks shared by every method that has the option (`Method.checks` adds more).
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "beta": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "jsd_beta": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "ppo_clip": (
         lambda v: v is None or 0 < v < 1,
         "must be null (off) or in (0, 1)",
