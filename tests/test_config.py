@@ -146,41 +146,6 @@ def test_bad_values_name_their_key(override: str, names: list[str]) -> None:
         assert name in message
 
 
-@pytest.mark.parametrize(
-    ("override", "names"),
-    [
-        ("objective.options.beta=2", ["objective.options", "beta"]),
-        ("objective.options.beta=-0.5", ["objective.options", "beta"]),
-        ("objective.options.bogus=1", ["objective.options", "bogus"]),
-        ("objective.name=nosuchmethod", ["objective.name", "nosuchmethod", "tropd"]),
-    ],
-)
-def test_bad_objective_settings_name_their_key(override: str, names: list[str]) -> None:
-    message = config_error(overrides=[override])
-    for name in names:
-        assert name in message, f"{name!r} missing from {message!r}"
-
-
-@pytest.mark.parametrize(
-    ("override", "names"),
-    [
-        ("objective.options.beta=2", ["objective.options", "beta"]),
-        ("objective.name=nosuchmethod", ["objective.name"]),
-    ],
-)
-def test_bad_objective_in_a_big_yaml_stays_short(
-    tmp_path: Path, override: str, names: list[str]
-) -> None:
-    # The message names the bad key; it does not echo the whole config back.
-    data = Config().model_dump(mode="json")
-    path = write_yaml(tmp_path / "full.yaml", data)
-    message = config_error(path, [override])
-    for name in names:
-        assert name in message
-    assert "output_dir" not in message
-    assert len(message) < 300
-
-
 def test_missing_file(tmp_path: Path) -> None:
     message = config_error(tmp_path / "nope.yaml")
     assert "nope.yaml" in message and "not found" in message

@@ -116,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace, console: Console) -> int:
     from tropd.config import load_config
     from tropd.train import distributed, train
+    from tropd.train.loop import objective_from_config
 
     config = load_config(args.config, args.overrides)
+    objective_from_config(config)  # a bad objective stops here, before any process starts
     if args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: give a number of processes >= 1")
     if args.nproc > 1:

@@ -2,7 +2,8 @@
 
 Every mistake a user can make here (a typo in a key, a wrong type, an impossible value)
 raises `ConfigError` with one line naming the key path and the fix, before any model
-is loaded.
+is loaded. The objective's name and options are checked where the run is built
+(`tropd.train.loop.objective_from_config`), still before anything is written or loaded.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
-    ValidationInfo,
-    field_validator,
     model_validator,
 )
 
@@ -129,24 +128,6 @@ class ObjectiveConfig(_Section):
     options: dict[str, Any] = Field(
         default_factory=dict, description="method options, e.g. {beta: 0.001, outlier: fkl}"
     )
-
-    @field_validator("name")
-    @classmethod
-    def _known_name(cls, name: str) -> str:
-        from tropd.objectives import list_objectives
-
-        if name not in list_objectives():
-            raise ValueError(f"unknown objective; valid: {', '.join(list_objectives())}")
-        return name
-
-    @field_validator("options")
-    @classmethod
-    def _valid_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        from tropd.objectives import get_objective
-
-        if "name" in info.data:  # an unknown name is reported on objective.name
-            get_objective(info.data["name"], **options)
-        return options
 
 
 class OptimConfig(_Section):

@@ -1,4 +1,5 @@
-"""End-to-end training on tiny models: learning, resume, non-finite steps, outputs."""
+"""End-to-end training on tiny models: learning, resume, non-finite steps, outputs; the
+objective settings checked where the run is built."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
-from tropd.config import ConfigError, load_config
+from tropd.config import Config, ConfigError, load_config
 from tropd.train import loop
 from tropd.train.checkpoint import list_checkpoints
 
@@ -44,6 +46,61 @@ def make_config(pair, run_dir: Path, *overrides: str):
             *overrides,
         ],
     )
+
+
+# --- objective settings -------------------------------------------------------------
+
+
+def objective_error(path=None, overrides=()) -> str:
+    config = load_config(path, list(overrides))
+    with pytest.raises(ConfigError) as info:
+        loop.objective_from_config(config)
+    message = str(info.value)
+    assert "\n" not in message, f"not one line: {message!r}"
+    assert "Traceback" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("objective.options.beta=2", ["objective.options", "beta"]),
+        ("objective.options.beta=-0.5", ["objective.options", "beta"]),
+        ("objective.options.bogus=1", ["objective.options", "bogus"]),
+        ("objective.name=nosuchmethod", ["objective.name", "nosuchmethod", "tropd"]),
+    ],
+)
+def test_bad_objective_settings_name_their_key(override: str, names: list[str]) -> None:
+    message = objective_error(overrides=[override])
+    for name in names:
+        assert name in message, f"{name!r} missing from {message!r}"
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("objective.options.beta=2", ["objective.options", "beta"]),
+        ("objective.name=nosuchmethod", ["objective.name"]),
+    ],
+)
+def test_bad_objective_in_a_big_yaml_stays_short(
+    tmp_path: Path, override: str, names: list[str]
+) -> None:
+    # The message names the bad key; it does not echo the whole config back.
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump(Config().model_dump(mode="json")))
+    message = objective_error(path, [override])
+    for name in names:
+        assert name in message
+    assert "output_dir" not in message
+    assert len(message) < 300
+
+
+def test_bad_objective_stops_the_run_before_its_folder_exists(tmp_path: Path) -> None:
+    config = load_config(None, [f"run.output_dir={tmp_path / 'run'}", "objective.name=nope"])
+    with pytest.raises(ConfigError, match=r"^objective\.name"):
+        loop.train(config)
+    assert not (tmp_path / "run").exists()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -27,6 +27,14 @@ COMMON_DEFAULTS = {"loss_agg": "token_mean"}  # every method takes these options
 CONTEXT = ("generator", "step")  # what a rule may read besides the logits, batch and options
 
 
+class OptionError(ValueError):
+    """A bad option of a known method; `option` is its name."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
+
+
 def always(options: dict[str, Any]) -> bool:
     return True
 
@@ -88,25 +96,27 @@ def preset(name: str, base: str, summary: str, options: dict[str, Any], **needs:
 
 
 def resolve_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """`options` over method `name`'s defaults, checked: an unknown name, option or value
-    raises ValueError (one line listing what is valid)."""
+    """`options` over method `name`'s defaults, checked: an unknown name raises ValueError,
+    an unknown option or a bad value `OptionError` (one line listing what is valid)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown objective {name!r}; valid: {', '.join(sorted(REGISTRY))}")
     method = REGISTRY[name]
     options = _renamed(name, method.aliases, options)
     unknown = sorted(set(options) - set(method.defaults))
     if unknown:
-        raise ValueError(
+        raise OptionError(
             f"objective {name!r} has no option {', '.join(unknown)}; "
-            f"valid: {', '.join(sorted(method.defaults))}"
+            f"valid: {', '.join(sorted(method.defaults))}",
+            unknown[0],
         )
     resolved = {**method.defaults, **options}
     for key, allowed in {"loss_agg": LOSS_AGGS, **method.choices}.items():
         if resolved[key] not in allowed:
-            raise ValueError(f"{name}.{key}={resolved[key]!r} is not one of {', '.join(allowed)}")
+            message = f"{name}.{key}={resolved[key]!r} is not one of {', '.join(allowed)}"
+            raise OptionError(message, key)
     for key, (ok, why) in {**CHECKS, **method.checks}.items():
         if key in resolved and not _check(ok, resolved[key]):
-            raise ValueError(f"{name}.{key}={resolved[key]!r} {why}")
+            raise OptionError(f"{name}.{key}={resolved[key]!r} {why}", key)
     return resolved
 
 
@@ -117,7 +127,7 @@ def _renamed(name: str, aliases: dict[str, str], options: dict[str, Any]) -> dic
         if old not in options:
             continue
         if new in options:
-            raise ValueError(f"{name}: give {new} only ({old} is its deprecated spelling)")
+            raise OptionError(f"{name}: give {new} only ({old} is its deprecated spelling)", new)
         warnings.warn(
             f"objective option {name}.{old} is deprecated and will be removed in tropd 0.2; "
             f"use {name}.{new} (same meaning)",

@@ -21,7 +21,8 @@ from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch, align_logits
 from tropd.config import Config, ConfigError, save_config
 from tropd.head import HeadLogits, chunked_head_supported, hidden_only
 from tropd.models import load_model, load_tokenizer, read_vocab_size, resolve_model_path
-from tropd.objectives import Objective, get_objective
+from tropd.objectives import Objective, get_objective, list_objectives
+from tropd.objectives.registry import OptionError
 from tropd.rollout import GuidancePlan, HFEngine, SamplingParams, collect_rollouts, prefix_cap
 from tropd.rollout.blend import BlendEngine, blend_budget
 from tropd.rollout.engine import is_sharded
@@ -62,6 +63,7 @@ def train(config: Config, resume: bool = False, rank: int = 0, world_size: int =
 
     `rank`/`world_size` select this process's shard of each step's prompts.
     """
+    objective_from_config(config)  # a bad objective stops the run before its folder exists
     run_dir = prepare_run_dir(config, resume)
     setup = build(config, run_dir)
     start, skipped = 0, 0
@@ -300,6 +302,22 @@ def prepare_run_dir(config: Config, resume: bool) -> Path:
     return run_dir
 
 
+def objective_from_config(config: Config) -> Objective:
+    """The objective `config.objective` names. A bad name or option is a `ConfigError` that
+    names its key (`objective.name`, `objective.options.<option>`), raised before any model
+    loads."""
+    name, options = config.objective.name, config.objective.options
+    if name not in list_objectives():
+        raise ConfigError(
+            f"objective.name: unknown objective; valid: {', '.join(list_objectives())} "
+            f"(got {name!r})"
+        )
+    try:
+        return get_objective(name, **options)
+    except OptionError as err:
+        raise ConfigError(f"objective.options.{err.option}: {err}") from None
+
+
 def check_models(config: Config) -> None:
     """Checks that need the models' configs (not their weights). A teacher server is
     checked against the student's tokenizer when the run connects to it."""
@@ -328,6 +346,7 @@ def _vocab_size(name: str, key: str) -> int:
 
 
 def build(config: Config, run_dir: Path) -> Setup:
+    objective = objective_from_config(config)
     check_models(config)
     task = get_task(config.task.name, **config.task.options)
     m = config.model
@@ -339,7 +358,6 @@ def build(config: Config, run_dir: Path) -> Setup:
         apply_lora(student, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
     student_ddp = distributed.parallelize(student, config.distributed)
     tokenizer = load_tokenizer(m.tokenizer or m.student)
-    objective = get_objective(config.objective.name, **config.objective.options)
     vllm = None
     if config.rollout.engine == "vllm":
         if config.lora.enabled:
