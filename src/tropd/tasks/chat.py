@@ -25,11 +25,24 @@ def encode_prompt(tokenizer, item: Item, system_prompt: str | None = None) -> li
 
     With a chat template: the template applied to `item_messages` with the generation
     prompt added. Without one: the message texts joined by blank lines. For a built-in
-    task without a system prompt this equals `tropd.tasks.recipes.prompt_ids`.
+    task without a system prompt this equals `prompt_ids`.
     """
     messages = item_messages(item, system_prompt)
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
         text = "\n\n".join(m["content"] for m in messages)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a user prompt as the model sees it: the chat template if any, else raw."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    else:
+        text = prompt
     return tokenizer.encode(text, add_special_tokens=False)

@@ -9,7 +9,7 @@ Prompt "7+5-3=" (operations applied left to right), gold response in the default
 The verifier reads only the final line `answer: N`; how the steps are written is
 free. That is what makes the task a test bed for teacher/student mismatch: a teacher
 trained on one chain-of-thought style and a student trained on another agree on the
-answers but not on the tokens that lead there (`tropd.tasks.mismatch`).
+answers but not on the tokens that lead there (`tropd.recipes.mismatch`).
 
 Difficulty knobs: the number of operations (`min_steps..max_steps`), the operand size
 (`max_operand`), the range every intermediate value stays in (`0..max_value`) and the

@@ -1,6 +1,6 @@
 """Teacher and students for the `chain` task, with a controllable style mismatch.
 
-The teacher is a tiny Llama trained with SFT (`tropd.tasks.recipes.sft_train`) on gold
+The teacher is a tiny Llama trained with SFT (`tropd.recipes.sft.sft_train`) on gold
 chains in the `forward` style ("7+5=12;12-3=9") until it solves the task. Each student
 is a smaller Llama trained on the same problems, but writing most of them in the
 `backward` style ("12=7+5;9=12-3"): a problem is written in the teacher's style only
@@ -17,8 +17,8 @@ Where the rule says `backward`, the student gives the teacher's first token almo
 probability and the teacher gives the student's almost none: the outliers TrOPD routes
 away from the reverse-KL gradient. Yet the student can solve those problems in the
 teacher's style; it just never samples it. `measure_mismatch` reports how far apart a
-pair starts. Models are cached like the other built-in models (`recipes`): under a hash
-of the recipe and task options, built in a temporary folder and renamed.
+pair starts. Models are cached like the other built-in models (`tropd.recipes.cache`):
+under a hash of the recipe and task options, built in a temporary folder and renamed.
 """
 
 from __future__ import annotations
@@ -33,9 +33,13 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from tropd.recipes.cache import build_cached, default_cache_dir
+from tropd.recipes.sft import sft_build
+from tropd.rollout import HFEngine, SamplingParams, collect_rollouts
 from tropd.tasks import Item
+from tropd.tasks.chat import encode_prompt
 from tropd.tasks.reasoning import ChainTask, parse_steps, write_chain
-from tropd.tasks.recipes import build_cached, default_cache_dir, sft_build
+from tropd.teacher import score_batch
 
 TEACHER_STYLE = "forward"
 MISMATCH = {
@@ -168,10 +172,6 @@ def measure_mismatch(
     - `student_accuracy`: the verifier on those samples (not greedy).
     The caller's torch RNG is left untouched.
     """
-    from tropd.rollout import HFEngine, SamplingParams, collect_rollouts
-    from tropd.tasks.chat import encode_prompt
-    from tropd.teacher import score_batch
-
     items = task.items("eval", num_prompts, seed)
     prompts = [encode_prompt(tokenizer, item) for item in items]
     engine = HFEngine(student, tokenizer.pad_token_id, tokenizer.eos_token_id)

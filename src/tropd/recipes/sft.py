@@ -1,24 +1,17 @@
-"""Supervised fine-tuning recipe that builds the built-in teacher and student models.
+"""Supervised fine-tuning: the recipe that builds every built-in teacher and student.
 
-A built-in model is a tiny Llama over the task's characters, trained with
-next-token NLL on prompt + gold response + EOS (loss on the response only). The
-teacher trains long enough to solve the task; the student only briefly, so it
-writes well-formed answers but gets many wrong: a gap for distillation to close.
-Builds are seeded, cached on disk under a hash of the recipe and the task
-options, and written atomically.
+A built-in model is a tiny Llama over the task's characters, trained with next-token NLL
+on prompt + gold response + EOS (loss on the response only), then scored greedily on the
+task's eval split (`eval_split_scores`). `sft_build` does all of it for one recipe and
+saves the model; `tropd.recipes.builtin` and `tropd.recipes.mismatch` choose the recipes
+and cache the results.
 """
 
-import dataclasses
-import hashlib
-import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from rich.console import Console
@@ -27,18 +20,14 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from tropd.models import tiny_llama_config
 from tropd.tasks import Item, SFTTask
-from tropd.tasks.builtin import get_task, task_options
+from tropd.tasks.chat import prompt_ids
 from tropd.tasks.tokenizer import build_char_tokenizer
 
 IGNORE_INDEX = -100  # label value the HF loss skips
-# Bump when the recipe code changes in a way the recipe config does not capture,
-# so cached models are rebuilt.
-RECIPE_FORMAT = 2
 
 
-@dataclass(frozen=True)
-class BuiltinRecipe:
-    """Model size and SFT schedule of one built-in role."""
+class SFTRecipe(Protocol):
+    """What `sft_build` reads of a recipe (`BuiltinRecipe`, `ChainRecipe`)."""
 
     hidden_size: int
     num_layers: int
@@ -47,56 +36,8 @@ class BuiltinRecipe:
     batch_size: int
     lr: float
     warmup_steps: int
-    seed: int = 0
-    eval_items: int = 500
-
-
-# Chosen by measurement on `add` (digits=3), one CPU thread, greedy eval on 500 items.
-# Teacher: ~98% (seed 1); over other seeds this size and schedule gave 98%, 98% and
-# 90% (a run can stall on long carry chains; 3000 steps gave 88-99%). Student: same
-# depth at half the width, stopped before it learns carries: ~15% at 800 steps (15-60%
-# over seeds), while the architecture reaches ~92% with 3000 steps of SFT, so
-# distillation has room to help.
-RECIPES: dict[str, BuiltinRecipe] = {
-    "teacher": BuiltinRecipe(
-        hidden_size=128,
-        num_layers=3,
-        num_heads=4,
-        steps=2000,
-        batch_size=64,
-        lr=3e-3,
-        warmup_steps=100,
-        seed=1,
-    ),
-    "student": BuiltinRecipe(
-        hidden_size=64,
-        num_layers=3,
-        num_heads=4,
-        steps=800,
-        batch_size=64,
-        lr=3e-3,
-        warmup_steps=30,
-        seed=0,
-    ),
-}
-
-
-def default_cache_dir() -> Path:
-    """`$TROPD_CACHE` if set, else `~/.cache/tropd/models`."""
-    return Path(os.environ.get("TROPD_CACHE") or Path.home() / ".cache" / "tropd" / "models")
-
-
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of a user prompt as the model sees it: the chat template if any, else raw."""
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-    else:
-        text = prompt
-    return tokenizer.encode(text, add_special_tokens=False)
+    seed: int
+    eval_items: int
 
 
 def _sft_batch(
@@ -210,7 +151,7 @@ def response_nll(
 
 
 @torch.no_grad()
-def evaluate(
+def eval_split_scores(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     task: SFTTask,
@@ -262,34 +203,12 @@ def evaluate(
     return {"accuracy": correct / len(items), "eos_fraction": ended / len(items)}
 
 
-def accuracy(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    task: SFTTask,
-    n: int,
-    seed: int,
-    greedy: bool = True,
-) -> float:
-    """Share of `n` eval-split items whose generated response the verifier accepts."""
-    return evaluate(model, tokenizer, task, n, seed, greedy=greedy)["accuracy"]
-
-
-def _cache_key(task: SFTTask, recipe: BuiltinRecipe) -> str:
-    spec = {
-        "format": RECIPE_FORMAT,
-        "task": task.name,
-        "task_options": task_options(task),
-        "recipe": dataclasses.asdict(recipe),
-    }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def sft_build(
-    task: SFTTask, recipe: BuiltinRecipe, label: str, out_dir: Path, console: Console
+    task: SFTTask, recipe: SFTRecipe, label: str, out_dir: Path, console: Console
 ) -> dict[str, float]:
     """SFT a fresh tiny Llama shaped by `recipe` on `task`'s gold responses, evaluate it
     greedily, and save model and tokenizer into `out_dir`. Returns the measured numbers
-    for `recipe.json`. `recipe` needs the fields of `BuiltinRecipe`."""
+    for `recipe.json`."""
     tokenizer = build_char_tokenizer(task.alphabet)
     config = tiny_llama_config(
         vocab_size=len(tokenizer),
@@ -327,7 +246,7 @@ def sft_build(
         )
     train_seconds = time.perf_counter() - started
     train_cpu_seconds = time.process_time() - started_cpu
-    scores = evaluate(model, tokenizer, task, recipe.eval_items, seed=recipe.seed)
+    scores = eval_split_scores(model, tokenizer, task, recipe.eval_items, seed=recipe.seed)
     console.log(
         f"{label}: eval accuracy {scores['accuracy']:.3f} (greedy, {recipe.eval_items} items), "
         f"ended with EOS {scores['eos_fraction']:.3f}, trained in {train_seconds:.1f}s"
@@ -344,66 +263,3 @@ def sft_build(
         "train_cpu_seconds": round(train_cpu_seconds, 2),
         "torch_threads": torch.get_num_threads(),
     }
-
-
-def _build(
-    task: SFTTask, role: str, recipe: BuiltinRecipe, out_dir: Path, console: Console
-) -> None:
-    """Train the `role` model for `task` with `recipe` on the CPU and save it into `out_dir`."""
-    measured = sft_build(task, recipe, f"{task.name} {role}", out_dir, console)
-    record = {
-        "task": task.name,
-        "task_options": task_options(task),
-        "role": role,
-        "recipe": dataclasses.asdict(recipe),
-        "format": RECIPE_FORMAT,
-        **measured,
-    }
-    (out_dir / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
-
-
-def prepare_builtin(task_name: str, role: str, cache_dir: Path | None = None) -> Path:
-    """The directory of the built-in `role` model for `task_name`, built if not cached.
-
-    The directory is `<cache_dir>/<task>-<role>-<hash of recipe and task options>`
-    and holds a `save_pretrained` model (safetensors), its tokenizer and
-    `recipe.json` (recipe, measured eval accuracy, training time). It is built in
-    a temporary sibling and moved into place with one `os.replace`, so an
-    interrupted or concurrent build never leaves a partial directory.
-    """
-    if role not in RECIPES:
-        raise ValueError(f"unknown built-in role {role!r}; use one of {', '.join(RECIPES)}")
-    task = get_task(task_name)
-    recipe = RECIPES[role]
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final_dir = cache_dir / f"{task_name}-{role}-{_cache_key(task, recipe)}"
-    if (final_dir / "recipe.json").is_file():
-        return final_dir
-
-    return build_cached(
-        final_dir,
-        lambda out_dir, console: _build(task, role, recipe, out_dir, console),
-        f"built-in {task_name} {role}",
-    )
-
-
-def build_cached(final_dir: Path, build: Callable[[Path, Console], None], what: str) -> Path:
-    """Run `build(tmp_dir, console)` in a temporary sibling of `final_dir`, then move it into
-    place with one `os.replace`: an interrupted or concurrent build never leaves a partial
-    folder. `build` must write `recipe.json`, the marker of a complete folder."""
-    console = Console(stderr=True)
-    console.log(f"building {what} into {final_dir}")
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    build_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
-    try:
-        build(build_dir, console)
-        build_dir.chmod(0o755)  # mkdtemp makes it private; a cache may be shared
-        try:
-            os.replace(build_dir, final_dir)
-        except OSError:
-            # A concurrent build finished first: keep its directory, drop ours.
-            if not (final_dir / "recipe.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(build_dir, ignore_errors=True)
-    return final_dir

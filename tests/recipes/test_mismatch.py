@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from tropd.models import tiny_llama_config
-from tropd.tasks.mismatch import MISMATCH, StyleMix, measure_mismatch, student_recipe
+from tropd.recipes.mismatch import MISMATCH, StyleMix, measure_mismatch, student_recipe
 from tropd.tasks.reasoning import ChainTask, parse_steps
 from tropd.tasks.tokenizer import build_char_tokenizer
 
