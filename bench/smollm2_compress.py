@@ -27,8 +27,8 @@ import torch
 
 from tropd.compress import prune_layers
 from tropd.config import load_config
-from tropd.evaluation import EvalSettings, evaluate_model, load_eval_model
-from tropd.models import load_model, load_tokenizer, parse_prune
+from tropd.evaluation import EvalSettings, evaluate_model
+from tropd.model_names import load_eval_model, load_model, load_tokenizer, parse_prune
 from tropd.tasks import get_task
 from tropd.train import train
 

@@ -11,11 +11,11 @@ from tropd.cli import main
 from tropd.evaluation import (
     EvalSettings,
     evaluate_model,
-    load_eval_model,
     mean_with_ci,
     pass_at_k,
     score_responses,
 )
+from tropd.model_names import load_eval_model
 from tropd.tasks import get_task
 
 

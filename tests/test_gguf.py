@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from tropd.models import gguf_path, load_model, load_tokenizer, read_vocab_size, tiny_llama_config
+from tropd.model_names import gguf_path, load_model, load_tokenizer, read_vocab_size
+from tropd.models import tiny_llama_config
 
 gguf = pytest.importorskip("gguf")
 

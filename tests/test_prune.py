@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from tropd.cli import main
 from tropd.compress import parse_layers, prune_layers
-from tropd.models import load_model, load_tokenizer, read_vocab_size, tiny_llama_config
+from tropd.model_names import load_model, load_tokenizer, read_vocab_size
+from tropd.models import tiny_llama_config
 
 TOKENS = torch.randint(0, 16, (2, 9), generator=torch.Generator().manual_seed(0))
 

@@ -144,7 +144,8 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
 
     import yaml
 
-    from tropd.evaluation import EvalSettings, evaluate_model, load_eval_model
+    from tropd.evaluation import EvalSettings, evaluate_model
+    from tropd.model_names import load_eval_model
     from tropd.tasks import get_task
 
     try:
@@ -181,7 +182,8 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
 
 
 def _prune(args: argparse.Namespace, console: Console) -> int:
-    from tropd.compress import parse_layers, prune_to_dir
+    from tropd.compress import parse_layers
+    from tropd.model_names import prune_to_dir
 
     out = prune_to_dir(args.teacher, parse_layers(args.layers), args.out, args.dtype)
     console.print(f"[green]done:[/] {out}")
@@ -191,21 +193,25 @@ def _prune(args: argparse.Namespace, console: Console) -> int:
 def _serve_teacher(args: argparse.Namespace, console: Console) -> int:
     from dataclasses import replace
 
+    from tropd.model_names import load_model, load_tokenizer
     from tropd.teacher.remote import TOKEN_ENV
 
     try:
-        from tropd.teacher.server import Limits, serve
+        from tropd.teacher.server import Limits, check_binding, serve
     except ImportError:
         raise ValueError(
             "serve-teacher needs the serve extra: pip install 'tropd[serve]'"
         ) from None
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
+    check_binding(args.host, token)
     limits = replace(
         Limits(), max_top_k=args.max_top_k, max_body_bytes=int(args.max_body_mb * 2**20)
     )
     console.print(f"serving {args.model} on http://{args.host}:{args.port} (Ctrl-C stops)")
-    serve(args.model, args.host, args.port, token, args.dtype, args.device, limits)
+    model = load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)
+    tokenizer = load_tokenizer(args.model)
+    serve(model, tokenizer, args.model, args.host, args.port, token, limits)
     return EXIT_OK
 
 

@@ -3,14 +3,14 @@
 `prune_layers(teacher, [0, 2, 4])` returns a copy of the teacher that keeps those
 layers (in that order) and everything else (embeddings, final norm, head); it is a
 normal Hugging Face model, saved with `save_pretrained`. Keeping every layer gives
-the teacher back exactly. `tropd prune TEACHER --layers 0,2,4 --out DIR` saves one;
-`model.student: prune:<teacher>:<layers>` builds one at the start of a run.
+the teacher back exactly. Pure layer surgery on a loaded model: `tropd prune TEACHER
+--layers 0,2,4 --out DIR` saves one and `model.student: prune:<teacher>:<layers>` builds
+one at the start of a run (both through `tropd.model_names`).
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 from torch import nn
 
@@ -74,17 +74,3 @@ def prune_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
         config.layer_types = [config.layer_types[i] for i in layers]
     config.num_hidden_layers = len(layers)
     return student
-
-
-def prune_to_dir(
-    teacher_name: str, layers: list[int], out_dir: str | Path, dtype: str = "float32"
-) -> Path:
-    """Load `teacher_name` (any model name `tropd.models.load_model` takes), keep `layers`,
-    and save the student and the teacher's tokenizer to `out_dir`."""
-    from tropd.models import load_model, load_tokenizer
-
-    out = Path(out_dir)
-    student = prune_layers(load_model(teacher_name, dtype=dtype, device="cpu"), layers)
-    student.save_pretrained(out)
-    load_tokenizer(teacher_name).save_pretrained(out)
-    return out

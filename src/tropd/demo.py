@@ -174,7 +174,7 @@ def prepare_pair(
 ) -> tuple[Path, Path, dict[str, float]]:
     """(teacher dir, student dir, starting divergence) for a mismatch setting, building
     the models on first use."""
-    from tropd.models import load_model, load_tokenizer
+    from tropd.model_names import load_model, load_tokenizer
     from tropd.recipes.mismatch import (
         TEACHER_RECIPE,
         measure_mismatch,

@@ -7,10 +7,10 @@ each k <= samples. Per-item results (prompt, answer, responses, scores) go to
 `results.jsonl`, the summary to `summary.json`. The trainer's evaluation hook scores
 with the same `score_responses`.
 
-A model is a Hugging Face id or directory, any name `tropd.models.load_model` takes
+A model is a Hugging Face id or directory, any name `tropd.model_names.load_model` takes
 (GGUF, pruned), a run directory (its `final/` model, and its task unless one is
 given), or a checkpoint folder `RUN/checkpoints/step_N` (rebuilt from the run's
-config, LoRA included).
+config, LoRA included): `tropd.model_names.load_eval_model`.
 """
 
 from __future__ import annotations
@@ -65,35 +65,6 @@ class EvalSettings:
     batch_size: int = 16  # sequences per generate call
     seed: int = 0
     system_prompt: str | None = None
-
-
-def load_eval_model(name: str, dtype: str = "auto", device: str = "auto") -> tuple[Any, Any, Any]:
-    """(model, tokenizer, run config or None) for any model name `tropd eval` accepts."""
-    from tropd.config import load_config
-    from tropd.models import load_model, load_tokenizer
-
-    path = Path(name)
-    if (path / "config.yaml").is_file() and (path / "final").is_dir():  # a run directory
-        config = load_config(path / "config.yaml")
-        final = str(path / "final")
-        return load_model(final, dtype, device), load_tokenizer(final), config
-    if (path / "state.json").is_file() and (path / "model.safetensors").is_file():  # checkpoint
-        from safetensors.torch import load_model as load_weights
-
-        run_dir = path.parent.parent
-        if not (run_dir / "config.yaml").is_file():
-            raise ValueError(f"checkpoint {name!r} is not inside a run directory with config.yaml")
-        config = load_config(run_dir / "config.yaml")
-        model = load_model(config.model.student, dtype, device)
-        if config.lora.enabled:
-            from tropd.lora import apply_lora
-
-            lora = config.lora
-            apply_lora(model, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
-        load_weights(model, str(path / "model.safetensors"), device=str(model.device))
-        tokenizer = load_tokenizer(config.model.tokenizer or config.model.student)
-        return model, tokenizer, config
-    return load_model(name, dtype, device), load_tokenizer(name), None
 
 
 def evaluate_model(

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tropd.models import load_model, load_tokenizer
+from tropd.model_names import load_model, load_tokenizer
 from tropd.recipes import builtin
 from tropd.recipes.builtin import BuiltinRecipe, prepare_builtin
 from tropd.tasks.chat import prompt_ids

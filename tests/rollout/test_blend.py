@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tropd.batch import TokenBatch, align_logits
-from tropd.models import load_model, load_tokenizer
+from tropd.model_names import load_model, load_tokenizer
 from tropd.rollout import HFEngine, SamplingParams, collect_rollouts
 from tropd.rollout.blend import (
     BlendEngine,

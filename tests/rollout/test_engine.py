@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch, align_logits
-from tropd.models import load_model, load_tokenizer
+from tropd.model_names import load_model, load_tokenizer
 from tropd.objectives.estimators import token_logprobs
 from tropd.rollout import (
     Generation,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tropd.models import load_model, load_tokenizer
+from tropd.model_names import load_model, load_tokenizer
 from tropd.rollout import HFEngine, SamplingParams
 
 vllm = pytest.importorskip(

@@ -12,7 +12,8 @@ from torch.utils._pytree import tree_leaves
 from transformers import LlamaForCausalLM
 
 from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch, align_logits, right_pad
-from tropd.models import load_model, tiny_llama_config
+from tropd.model_names import load_model
+from tropd.models import tiny_llama_config
 from tropd.teacher import score_batch
 
 FIELDS = ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs", "teacher_entropy")

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tropd.config import load_config
-from tropd.models import load_model, load_tokenizer
+from tropd.model_names import load_model, load_tokenizer
 from tropd.rollout import HFEngine, SamplingParams, collect_rollouts
 from tropd.tasks.tokenizer import build_char_tokenizer
 from tropd.teacher import score_batch
@@ -181,10 +181,14 @@ def test_another_tokenizer_is_refused_with_one_line(server, tiny_pair):
 
 
 def test_listening_beyond_loopback_needs_a_token():
-    from tropd.teacher.server import serve
+    from tropd.teacher.server import check_binding, serve
 
     with pytest.raises(ValueError, match="--token"):
-        serve("unused", host="0.0.0.0", token=None)
+        serve(None, None, "unused", host="0.0.0.0", token=None)
+    with pytest.raises(ValueError, match="--token"):
+        check_binding("0.0.0.0", None)
+    check_binding("0.0.0.0", TOKEN)
+    check_binding("127.0.0.1", None)
 
 
 def test_client_retries_through_a_server_restart(tiny_pair, rollout_batch):

@@ -248,30 +248,31 @@ def score_requests(
     return results
 
 
-def serve(
-    model_name: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    token: str | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    limits: Limits | None = None,
-) -> None:
-    """Load `model_name` and serve it until interrupted. Without a token, only loopback
-    addresses are allowed."""
+def check_binding(host: str, token: str | None) -> None:
+    """Refuse to listen beyond loopback without a token (before any model is loaded)."""
     if token is None and host not in LOOPBACK:
         raise ValueError(
             f"serve-teacher: listening on {host} exposes the teacher; give a token with "
             f"--token or ${TOKEN_ENV}, or bind 127.0.0.1"
         )
+
+
+def serve(
+    model,
+    tokenizer,
+    name: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: str | None = None,
+    limits: Limits | None = None,
+) -> None:
+    """Serve `model` (loaded, in eval mode, without gradients) and its `tokenizer` as
+    `name` until interrupted. Without a token, only loopback addresses are allowed."""
+    check_binding(host, token)
     import uvicorn
 
-    from tropd.models import load_model, load_tokenizer
-
-    model = load_model(model_name, dtype, device).eval().requires_grad_(False)
-    tokenizer = load_tokenizer(model_name)
     limits = limits or Limits()
     if positions := getattr(model.config, "max_position_embeddings", None):
         limits = replace(limits, max_sequence_length=min(limits.max_sequence_length, positions))
-    app = create_app(model, tokenizer, model_name, token, limits)
+    app = create_app(model, tokenizer, name, token, limits)
     uvicorn.run(app, host=host, port=port, log_level="warning")

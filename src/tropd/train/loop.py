@@ -20,7 +20,7 @@ import torch
 from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch, align_logits
 from tropd.config import Config, ConfigError, save_config
 from tropd.head import HeadLogits, chunked_head_supported, hidden_only
-from tropd.models import load_model, load_tokenizer, read_vocab_size, resolve_model_path
+from tropd.model_names import load_model, load_tokenizer, read_vocab_size, resolve_model_path
 from tropd.objectives import Objective, get_objective, list_objectives
 from tropd.objectives.registry import OptionError
 from tropd.rollout import GuidancePlan, HFEngine, SamplingParams, collect_rollouts, prefix_cap
