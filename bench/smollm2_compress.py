@@ -5,7 +5,7 @@
 
 For each method (examples/smollm2_compress_<method>.yaml) it trains the layer-pruned
 student, then evaluates the teacher, the untrained pruned student and each trained
-student on the same held-out prompts with `tropd.evaluation` (greedy, one sample per
+student on the same held-out prompts with `tropd.task_eval` (greedy, one sample per
 item). Writes to bench/results/smollm2/: `summary.json` (wall time per step and in
 total, eval mean with 95% CI, reverse KL), `<method>/metrics.jsonl`, `samples.jsonl`,
 `config.yaml`, `eval_*/` (per-item results) and `curves.png`, `eval.png`.
@@ -27,8 +27,8 @@ import torch
 
 from tropd.compress import prune_layers
 from tropd.config import load_config
-from tropd.evaluation import EvalSettings, evaluate_model
 from tropd.model_names import load_eval_model, load_model, load_tokenizer, parse_prune
+from tropd.task_eval import EvalSettings, evaluate_on_task
 from tropd.tasks import get_task
 from tropd.train import train
 
@@ -58,7 +58,9 @@ def evaluate(model, tokenizer, config, name: str, items: int) -> dict:
         seed=config.run.seed,
         system_prompt=config.task.system_prompt,
     )
-    summary = evaluate_model(model, tokenizer, task, settings, OUT / f"eval_{name}", progress=False)
+    summary = evaluate_on_task(
+        model, tokenizer, task, settings, OUT / f"eval_{name}", progress=False
+    )
     print(f"eval {name}: mean {summary['mean']:.3f} ci95 {summary['ci95']}", flush=True)
     return summary
 

@@ -9,7 +9,8 @@ import torch
 
 from tropd.batch import align_logits
 from tropd.config import load_config
-from tropd.head import HeadLogits, chunked_head_supported
+from tropd.head import HeadLogits, chunked_head_logits, chunked_head_supported, head_logits
+from tropd.model_names import load_model
 from tropd.objectives import REGISTRY, get_objective, list_objectives
 from tropd.teacher import score_batch
 from tropd.train import loop
@@ -103,6 +104,38 @@ def test_head_logits_values_match_the_model(scored) -> None:
         torch.testing.assert_close(
             view.logits(), torch.where(batch.response_mask[..., None], full, 0.0)
         )
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_chunked_head_logits_for_scoring_are_the_models_own(scored, chunk: int) -> None:
+    """The scoring path (`chunked_head_logits`, used by the teacher and the exact reverse
+    KL) gives the model's own logits at the chosen positions, in order, chunk by chunk."""
+    setup, batch = scored
+    model = setup.teacher
+    positions = batch.response_mask.nonzero(as_tuple=True)
+    with torch.no_grad():
+        full = model(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits
+        parts = list(
+            chunked_head_logits(model, batch.tokens, batch.attention_mask, positions, chunk)
+        )
+    n = positions[0].numel()
+    assert [p.start for p, _ in parts] == list(range(0, n, chunk))
+    assert all(logits.dtype == torch.float32 and len(logits) <= chunk for _, logits in parts)
+    got = torch.cat([logits for _, logits in parts])
+    torch.testing.assert_close(got, align_logits(full.float())[positions])
+
+
+def test_head_logits_apply_the_models_final_soft_capping(tiny_pair) -> None:
+    """Soft-capping (Gemma's `final_logit_softcapping`) is applied in one place, the
+    shared `head_logits`; without a cap the logits are the head's own."""
+    model = load_model(tiny_pair[0], "float32", "cpu")
+    hidden = torch.randn(5, model.config.hidden_size)
+    head = model.get_output_embeddings()
+    plain = torch.nn.functional.linear(hidden, head.weight, head.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(head_logits(model, hidden), plain)
+        model.config.final_logit_softcapping = 2.0
+        torch.testing.assert_close(head_logits(model, hidden), 2.0 * torch.tanh(plain / 2.0))
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 1000])

@@ -144,8 +144,8 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
 
     import yaml
 
-    from tropd.evaluation import EvalSettings, evaluate_model
     from tropd.model_names import load_eval_model
+    from tropd.task_eval import EvalSettings, evaluate_on_task
     from tropd.tasks import get_task
 
     try:
@@ -173,7 +173,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         seed=args.seed,
         system_prompt=system_prompt,
     )
-    summary = evaluate_model(model, tokenizer, get_task(name, **options), settings, args.out)
+    summary = evaluate_on_task(model, tokenizer, get_task(name, **options), settings, args.out)
     shown = {k: v for k, v in summary.items() if k != "settings"}
     Console().print_json(json.dumps(shown))
     if args.out:

@@ -32,7 +32,7 @@ from tropd.teacher import score_batch
 from tropd.teacher.remote import RemoteTeacher, connect_teacher
 from tropd.train import distributed
 from tropd.train.checkpoint import list_checkpoints
-from tropd.train.evaluate import evaluate
+from tropd.train.heldout import heldout_metrics
 from tropd.train.progress import Progress
 
 
@@ -271,7 +271,7 @@ def run_eval(setup: Setup) -> dict[str, float]:
     e, tok = setup.config.eval, setup.tokenizer
     with torch.random.fork_rng(devices=[]), distributed.gathered_root(setup.student):
         torch.manual_seed(setup.config.run.seed)
-        return evaluate(
+        return heldout_metrics(
             setup.student,
             None if isinstance(setup.teacher, RemoteTeacher) else setup.teacher,
             HFEngine(setup.student, tok.pad_token_id, tok.eos_token_id),

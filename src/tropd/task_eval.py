@@ -4,8 +4,8 @@ For each item, `samples` responses at `temperature`/`top_p`; each response score
 [0, 1]. Reported: the mean score with a 95% confidence interval over items, and the
 unbiased pass@k (Chen et al. 2021, a sample counts as correct when it scores 1) for
 each k <= samples. Per-item results (prompt, answer, responses, scores) go to
-`results.jsonl`, the summary to `summary.json`. The trainer's evaluation hook scores
-with the same `score_responses`.
+`results.jsonl`, the summary to `summary.json`. The trainer's evaluation hook
+(`tropd.train.heldout`) scores with the same `score_responses`.
 
 A model is a Hugging Face id or directory, any name `tropd.model_names.load_model` takes
 (GGUF, pruned), a run directory (its `final/` model, and its task unless one is
@@ -25,8 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
+from tropd.rollout import HFEngine, SamplingParams
 from tropd.tasks import Item, Task
+from tropd.tasks.chat import encode_prompt
 
 
 def score_responses(task: Task, items: Sequence[Item], responses: Sequence[str]) -> list[float]:
@@ -67,7 +77,7 @@ class EvalSettings:
     system_prompt: str | None = None
 
 
-def evaluate_model(
+def evaluate_on_task(
     model,
     tokenizer,
     task: Task,
@@ -81,18 +91,6 @@ def evaluate_model(
     Returns the summary: `mean` and `ci95` of the per-item mean score, `pass@k`, the
     mean response length in tokens, and timing.
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from tropd.rollout import HFEngine, SamplingParams
-    from tropd.tasks.chat import encode_prompt
-
     s = settings
     bad_k = [k for k in s.ks if not 1 <= k <= s.samples]
     if bad_k:

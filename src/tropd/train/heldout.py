@@ -1,13 +1,14 @@
-"""Evaluation on held-out prompts: verifier accuracy and the exact reverse KL to the teacher."""
+"""The trainer's evaluation hook on held-out prompts: verifier accuracy and the exact
+reverse KL to the teacher (`eval/*` in metrics.jsonl)."""
 
 from __future__ import annotations
 
 import torch
 
 from tropd.batch import TokenBatch
-from tropd.evaluation import score_responses
 from tropd.head import chunked_head_logits
 from tropd.rollout import Engine, SamplingParams, collect_rollouts
+from tropd.task_eval import score_responses
 
 
 @torch.no_grad()
@@ -29,7 +30,7 @@ def reverse_kl(student, teacher, batch: TokenBatch, chunk_size: int = 1024) -> f
     return total / positions[0].numel()
 
 
-def evaluate(
+def heldout_metrics(
     student,
     teacher,
     engine: Engine,

@@ -8,14 +8,14 @@ from math import comb
 import pytest
 
 from tropd.cli import main
-from tropd.evaluation import (
+from tropd.model_names import load_eval_model
+from tropd.task_eval import (
     EvalSettings,
-    evaluate_model,
+    evaluate_on_task,
     mean_with_ci,
     pass_at_k,
     score_responses,
 )
-from tropd.model_names import load_eval_model
 from tropd.tasks import get_task
 
 
@@ -50,12 +50,12 @@ def test_score_responses_uses_the_task_verifier():
     assert score_responses(task, items, responses) == [1.0, 0.0, 1.0]
 
 
-def test_evaluate_model_writes_per_item_results(tiny_pair, tmp_path):
+def test_evaluate_on_task_writes_per_item_results(tiny_pair, tmp_path):
     teacher, _ = tiny_pair
     model, tokenizer, config = load_eval_model(teacher, "float32", "cpu")
     assert config is None
     settings = EvalSettings(samples=4, temperature=1.0, max_new_tokens=4, num_items=5, ks=(1, 2))
-    summary = evaluate_model(
+    summary = evaluate_on_task(
         model, tokenizer, get_task("add"), settings, tmp_path / "out", progress=False
     )
     rows = [
@@ -69,7 +69,7 @@ def test_evaluate_model_writes_per_item_results(tiny_pair, tmp_path):
     assert summary["pass@1"] == pytest.approx(sum(r["correct"] for r in rows) / 20)
     assert summary["ci95"][0] <= summary["mean"] <= summary["ci95"][1]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["items"] == 5
-    again = evaluate_model(model, tokenizer, get_task("add"), settings, progress=False)
+    again = evaluate_on_task(model, tokenizer, get_task("add"), settings, progress=False)
     assert again["mean"] == summary["mean"]  # seeded sampling
 
 
