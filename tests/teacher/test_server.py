@@ -109,6 +109,9 @@ def client(url: str, tiny_pair, **kwargs) -> TropdTeacher:
 def assert_same_scores(local, remote) -> None:
     for name in FIELDS:
         a, b = getattr(local, name), getattr(remote, name)
+        if a is None:  # a statistic not asked for
+            assert b is None, name
+            continue
         assert a.dtype == b.dtype and a.shape == b.shape, name
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
 
@@ -131,6 +134,30 @@ def test_concurrent_requests_are_answered_each_with_its_own_scores(
         assert_same_scores(score_batch(teacher, part, top_k), answer)
 
 
+@pytest.mark.parametrize(("top_k", "entropy"), [(0, False), (8, False), (0, True), (8, True)])
+def test_server_computes_and_sends_only_the_statistics_asked_for(
+    server, tiny_pair, rollout_batch, top_k: int, entropy: bool
+):
+    local = score_batch(
+        load_model(tiny_pair[0], "float32", "cpu"), rollout_batch, top_k, 1024, entropy
+    )
+    remote = client(server, tiny_pair).score_batch(rollout_batch, top_k, entropy)
+    assert (remote.teacher_topk_ids is None) == (top_k == 0)
+    assert (remote.teacher_entropy is None) == (not entropy)
+    assert_same_scores(local, remote)
+
+
+def test_merged_requests_asking_for_different_statistics(server, tiny_pair, rollout_batch):
+    teacher = load_model(tiny_pair[0], "float32", "cpu")
+    remote = client(server, tiny_pair)
+    parts = [rollout_batch.select(slice(i, i + 3)).trim() for i in range(0, 9, 3)]
+    asked = [(0, False), (8, True), (4, False)]
+    with ThreadPoolExecutor(len(parts)) as pool:
+        answers = list(pool.map(lambda p, a: remote.score_batch(p, *a), parts, asked))
+    for part, (top_k, entropy), answer in zip(parts, asked, answers, strict=True):
+        assert_same_scores(score_batch(teacher, part, top_k, 1024, entropy), answer)
+
+
 def test_wrong_or_missing_token_is_401(server, tiny_pair):
     assert status_of(server + "/v1/info", None, token="wrong")[0] == 401
     assert status_of(server + "/v1/info", None, token=None)[0] == 401
@@ -147,6 +174,12 @@ def test_wrong_or_missing_token_is_401(server, tiny_pair):
         (b'{"sequences": [[1, 999]], "response_start": [1], "top_k": 2}', 422, "token ids"),
         (b'{"sequences": [[1, 2]], "response_start": [0], "top_k": 2}', 422, "response_start"),
         (b'{"sequences": [[1, 2]], "response_start": [1], "top_k": 99}', 422, "top_k"),
+        (b'{"sequences": [[1, 2]], "response_start": [1], "top_k": -1}', 422, "top_k"),
+        (
+            b'{"sequences": [[1, 2]], "response_start": [1], "top_k": 2, "entropy": 3}',
+            422,
+            "entropy",
+        ),
         (
             json.dumps({"sequences": [[1] * 300], "response_start": [1], "top_k": 2}).encode(),
             422,
@@ -288,3 +321,6 @@ def test_openai_client_reads_vllm_prompt_logprobs(tiny_pair, rollout_batch, monk
     assert (got.teacher_entropy <= expected.teacher_entropy + 1e-5).all()  # a lower bound
     with pytest.raises(TeacherServerError, match="--max-logprobs 12"):
         remote.score_batch(rollout_batch, 12)
+    lean = remote.score_batch(rollout_batch, 0, entropy=False)  # what OPD reads
+    torch.testing.assert_close(lean.teacher_logprobs, expected.teacher_logprobs, atol=1e-5, rtol=0)
+    assert lean.teacher_topk_ids is None and lean.teacher_entropy is None

@@ -12,6 +12,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from tropd.config import Config, ConfigError, load_config
+from tropd.rollout.blend import BlendEngine
 from tropd.train import loop
 from tropd.train.checkpoint import list_checkpoints
 
@@ -101,6 +102,44 @@ def test_bad_objective_stops_the_run_before_its_folder_exists(tmp_path: Path) ->
     with pytest.raises(ConfigError, match=r"^objective\.name"):
         loop.train(config)
     assert not (tmp_path / "run").exists()
+
+
+# --- what samples the student ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("objective", "engine", "sampler"),
+    [
+        ("opd", "hf", "hf"),
+        ("opd", "vllm", "vllm"),
+        ("trb", "hf", "blend"),
+        ("trb", "vllm", "blend"),
+    ],
+)
+def test_the_sampler_is_chosen_once_per_run(objective, engine, sampler) -> None:
+    config = load_config(None, [f"objective.name={objective}", f"rollout.engine={engine}"])
+    assert loop.choose_sampler(config, loop.objective_from_config(config)) == sampler
+
+
+def test_vllm_gets_the_weights_only_when_it_samples(tiny_pair, tmp_path) -> None:
+    # trb samples from the blend: no vLLM engine is built (none is installed here).
+    config = make_config(tiny_pair, tmp_path, "objective.name=trb", "rollout.engine=vllm")
+    setup = loop.build(config, tmp_path)
+    assert setup.sampler == "blend" and setup.vllm is None
+    assert isinstance(loop.student_engine(setup, step=1), BlendEngine)
+
+    class FakeVLLM:
+        pushed = 0
+
+        def push_weights(self, weights) -> None:
+            self.pushed += len(list(weights))
+
+    setup.sampler, setup.vllm = "vllm", FakeVLLM()
+    assert loop.student_engine(setup, step=1) is setup.vllm
+    assert setup.vllm.pushed == len(list(setup.student.parameters()))
+    setup.sampler = "blend"
+    assert isinstance(loop.student_engine(setup, step=2), BlendEngine)
+    assert setup.vllm.pushed == len(list(setup.student.parameters()))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

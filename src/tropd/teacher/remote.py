@@ -128,11 +128,15 @@ def _response_spans(batch: TokenBatch) -> tuple[list[list[int]], list[int]]:
     return rows, starts
 
 
-def _scatter(batch: TokenBatch, values: dict[str, torch.Tensor]) -> TokenBatch:
-    """Place per-position values (row-major over response positions) into `[B, T(, K)]`."""
+def _scatter(batch: TokenBatch, values: dict[str, torch.Tensor | None]) -> TokenBatch:
+    """Place per-position values (row-major over response positions) into `[B, T(, K)]`;
+    a None value (a statistic not asked for) sets its field to None."""
     rows, cols = batch.response_mask.nonzero(as_tuple=True)
     out = {}
     for name, flat in values.items():
+        if flat is None:
+            out[name] = None
+            continue
         full = torch.zeros(*batch.tokens.shape, *flat.shape[1:], dtype=flat.dtype)
         full[rows, cols] = flat
         out[name] = full.to(batch.tokens.device)
@@ -165,26 +169,29 @@ class TropdTeacher(RemoteTeacher):
                 f"set teacher.top_k <= {info['max_top_k']} or restart it with --max-top-k"
             )
 
-    def score_batch(self, batch: TokenBatch, top_k: int) -> TokenBatch:
-        """The teacher's view of every response token, as `tropd.teacher.score_batch`."""
+    def score_batch(self, batch: TokenBatch, top_k: int, entropy: bool = True) -> TokenBatch:
+        """The teacher's view of every response token, as `tropd.teacher.score_batch`:
+        the server computes and sends the top-k only for `top_k > 0` and the entropy only
+        when `entropy`."""
         rows, starts = _response_spans(batch)
         budget = self.info()["max_request_tokens"]
+        asked = {"top_k": top_k, "entropy": entropy}
         parts, begin = [], 0
         while begin < len(rows):
             end, size = begin, 0
             while end < len(rows) and (end == begin or size + len(rows[end]) <= budget):
                 size, end = size + len(rows[end]), end + 1
             payload = {"sequences": rows[begin:end], "response_start": starts[begin:end]}
-            parts.append(load_tensors(self.call("/v1/score", {**payload, "top_k": top_k})))
+            parts.append(load_tensors(self.call("/v1/score", {**payload, **asked})))
             begin = end
         values = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
         return _scatter(
             batch,
             {
                 "teacher_logprobs": values["logprobs"],
-                "teacher_topk_ids": values["topk_ids"].long(),
-                "teacher_topk_logprobs": values["topk_logprobs"],
-                "teacher_entropy": values["entropy"],
+                "teacher_topk_ids": values["topk_ids"].long() if top_k else None,
+                "teacher_topk_logprobs": values["topk_logprobs"] if top_k else None,
+                "teacher_entropy": values["entropy"] if entropy else None,
             },
         )
 
@@ -234,14 +241,17 @@ class OpenAITeacher(RemoteTeacher):
                 "the student; on-policy distillation needs a shared tokenizer"
             )
 
-    def score_batch(self, batch: TokenBatch, top_k: int) -> TokenBatch:
+    def score_batch(self, batch: TokenBatch, top_k: int, entropy: bool = True) -> TokenBatch:
+        """The teacher's view of every response token from vLLM's prompt log-probs: the
+        top `top_k` per position are asked for only when `top_k > 0`; the entropy (when
+        `entropy`) is the lower bound from them."""
         rows, starts = _response_spans(batch)
         answer = self.call_json(
             "/v1/completions",
             {"model": self.model, "prompt": rows, "max_tokens": 1, "prompt_logprobs": top_k},
         )
         choices = sorted(answer["choices"], key=lambda c: c["index"])
-        token_lp, top_ids, top_lp, entropy = [], [], [], []
+        token_lp, top_ids, top_lp, entropies = [], [], [], []
         for row, start, choice in zip(rows, starts, choices, strict=True):
             for t in range(start, len(row)):
                 offered = {int(i): e for i, e in choice["prompt_logprobs"][t].items()}
@@ -253,7 +263,7 @@ class OpenAITeacher(RemoteTeacher):
                         f"teacher.top_k: the server returned {len(ranked)} log-probs per "
                         f"position, not {top_k}; start vLLM with --max-logprobs {top_k}"
                     )
-                if max(i for _, i in ranked) >= self.vocab_size:
+                if max(offered) >= self.vocab_size:
                     raise TeacherServerError(
                         "teacher.url: the server returned token ids beyond the student's "
                         "vocabulary; on-policy distillation needs a shared tokenizer"
@@ -264,14 +274,18 @@ class OpenAITeacher(RemoteTeacher):
                 token_lp.append(offered[row[t]]["logprob"])
                 top_ids.append([i for _, i in ranked[:top_k]])
                 top_lp.append(values.tolist())
-                entropy.append(float(-(probs * values).sum() - rest * rest.clamp(min=1e-30).log()))
+                entropies.append(
+                    float(-(probs * values).sum() - rest * rest.clamp(min=1e-30).log())
+                )
         return _scatter(
             batch,
             {
                 "teacher_logprobs": torch.tensor(token_lp),
-                "teacher_topk_ids": torch.tensor(top_ids, dtype=torch.long).view(-1, top_k),
-                "teacher_topk_logprobs": torch.tensor(top_lp).view(-1, top_k),
-                "teacher_entropy": torch.tensor(entropy),
+                "teacher_topk_ids": (
+                    torch.tensor(top_ids, dtype=torch.long).view(-1, top_k) if top_k else None
+                ),
+                "teacher_topk_logprobs": torch.tensor(top_lp).view(-1, top_k) if top_k else None,
+                "teacher_entropy": torch.tensor(entropies) if entropy else None,
             },
         )
 

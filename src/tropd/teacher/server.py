@@ -3,13 +3,14 @@ another machine than the trainer (`teacher.url`; client in `tropd.teacher.remote
 
 Endpoints (JSON requests; a bearer token when the server has one):
 - `GET /v1/info`: model name, vocabulary size, tokenizer hash and the limits below.
-- `POST /v1/score` `{sequences: [[id]], response_start: [int], top_k: int}`: for every
-  position `t >= response_start` of each sequence, the teacher's log-prob of token t,
-  its top-k ids and log-probs (full-vocabulary log-softmax) and its entropy, computed by
+- `POST /v1/score` `{sequences: [[id]], response_start: [int], top_k: int, entropy:
+  bool}`: for every position `t >= response_start` of each sequence, the teacher's
+  log-prob of token t, its top-k ids and log-probs (full-vocabulary log-softmax; only for
+  `top_k > 0`) and its entropy (only when `entropy`, the default), computed by
   `tropd.teacher.score_batch`. The answer is a safetensors blob with `logprobs [N]`,
-  `topk_ids [N, K]` (int32), `topk_logprobs [N, K]` and `entropy [N]`, N the scored
-  positions, row by row. Requests that arrive while the model is busy are merged into
-  one forward pass (up to `max_batch_tokens`).
+  `topk_ids [N, K]` (int32), `topk_logprobs [N, K]` and `entropy [N]` (those asked for),
+  N the scored positions, row by row. Requests that arrive while the model is busy are
+  merged into one forward pass (up to `max_batch_tokens`).
 - `POST /v1/generate` `{prompts, max_new_tokens: [int], temperature, top_p, seed}`:
   teacher samples for guidance prefixes, `[{tokens, logprobs, finished}]`.
 
@@ -56,7 +57,8 @@ class _Request(BaseModel):
 class ScoreRequest(_Request):
     sequences: list[list[int]] = Field(min_length=1)
     response_start: list[int]
-    top_k: int = Field(gt=0)
+    top_k: int = Field(ge=0)  # 0: no top-k in the answer
+    entropy: bool = True
 
 
 class GenerateRequest(_Request):
@@ -214,7 +216,8 @@ def score_requests(
     model, jobs: list[ScoreRequest], chunk_size: int
 ) -> list[dict[str, torch.Tensor]]:
     """Score the sequences of several requests in one batch; per request, the values at
-    its response positions, row by row, cut to its own top-k."""
+    its response positions, row by row, cut to its own top-k, with only the statistics it
+    asked for."""
     rows = [seq for job in jobs for seq in job.sequences]
     starts = [start for job in jobs for start in job.response_start]
     tokens, attention = right_pad(rows, pad_id=0)
@@ -222,26 +225,33 @@ def score_requests(
     for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
         origin[i, start : len(row)] = TEACHER
     top_k = max(job.top_k for job in jobs)
+    entropy = any(job.entropy for job in jobs)
     device = next(model.parameters()).device
     batch = TokenBatch(tokens=tokens, origin=origin, attention_mask=attention).to(device)
-    scored = score_batch(model, batch, top_k, chunk_size)
+    scored = score_batch(model, batch, top_k, chunk_size, entropy)
     where = batch.response_mask.nonzero(as_tuple=True)
-    flat = {
-        "logprobs": scored.teacher_logprobs[where],
-        "topk_ids": scored.teacher_topk_ids[where].int(),
-        "topk_logprobs": scored.teacher_topk_logprobs[where],
-        "entropy": scored.teacher_entropy[where],
-    }
+    flat = {"logprobs": scored.teacher_logprobs[where]}
+    if top_k:
+        flat["topk_ids"] = scored.teacher_topk_ids[where].int()
+        flat["topk_logprobs"] = scored.teacher_topk_logprobs[where]
+    if entropy:
+        flat["entropy"] = scored.teacher_entropy[where]
     results, begin = [], 0
     for job in jobs:
         spans = zip(job.sequences, job.response_start, strict=True)
         part = slice(begin, begin + sum(len(seq) - start for seq, start in spans))
+        asked = {"logprobs"}
+        if job.top_k:
+            asked |= {"topk_ids", "topk_logprobs"}
+        if job.entropy:
+            asked.add("entropy")
         results.append(
             {
                 name: (values[part, : job.top_k] if values.dim() == 2 else values[part])
                 .cpu()
                 .contiguous()
                 for name, values in flat.items()
+                if name in asked
             }
         )
         begin = part.stop

@@ -55,7 +55,8 @@ class Setup:
     eval_prompts: list[list[int]]
     student_ddp: Any = None  # multi-process DDP runs: the wrapper training forwards go through
     chunked_head: bool = False  # training forwards use `HeadLogits` (see `student_logits`)
-    vllm: Any = None  # rollout.engine: vllm, the engine sampling the student (own weights copy)
+    sampler: str = "hf"  # what samples the student, for the whole run: hf | vllm | blend
+    vllm: Any = None  # sampler vllm: the engine, with its own copy of the weights
 
 
 def train(config: Config, resume: bool = False, rank: int = 0, world_size: int = 1) -> Path:
@@ -200,7 +201,7 @@ def rollout(
     Returns the batch and the prefix cap used (0 without guidance)."""
     config = setup.config
     r, g = config.rollout, config.guidance
-    pad, eos = setup.tokenizer.pad_token_id, setup.tokenizer.eos_token_id
+    pad = setup.tokenizer.pad_token_id
     guided = g.enabled if g.enabled is not None else setup.objective.wants_guidance
     cap = 0.0
     if guided:
@@ -209,16 +210,8 @@ def rollout(
             prefix_cap(step - 1, config.run.steps, r.max_new_tokens) if cosine else r.max_new_tokens
         )
     plan = GuidancePlan(cap, g.prefix, g.guided_fraction, g.temperature)
-    engine = HFEngine(setup.student, pad, eos)
-    if setup.vllm is not None:  # vLLM samples from its own copy: bring it up to date
-        setup.vllm.push_weights(distributed.full_parameters(setup.student))
-        engine = setup.vllm
-    if setup.objective.blended_rollout:
-        o = setup.objective.options
-        epsilon = blend_budget(step - 1, o["kl_budget"], o["warmup_steps"])
-        engine = BlendEngine(setup.student, setup.teacher, epsilon, pad, eos)
     batch = collect_rollouts(
-        engine,
+        student_engine(setup, step),
         prompts,
         SamplingParams(r.max_new_tokens, r.temperature, r.top_p),
         r.samples_per_prompt,
@@ -230,16 +223,29 @@ def rollout(
     return batch, cap
 
 
+def student_engine(setup: Setup, step: int):
+    """The engine that samples the student at `step`, of the kind chosen once for the run
+    (`Setup.sampler`)."""
+    pad, eos = setup.tokenizer.pad_token_id, setup.tokenizer.eos_token_id
+    if setup.sampler == "blend":
+        o = setup.objective.options
+        epsilon = blend_budget(step - 1, o["kl_budget"], o["warmup_steps"])
+        return BlendEngine(setup.student, setup.teacher, epsilon, pad, eos)
+    if setup.sampler == "vllm":  # vLLM samples from its own copy: bring it up to date
+        setup.vllm.push_weights(distributed.full_parameters(setup.student))
+        return setup.vllm
+    return HFEngine(setup.student, pad, eos)
+
+
 def score_teacher(setup: Setup, batch: TokenBatch) -> TokenBatch:
-    """The teacher's log-prob, top-k and entropy at every response token, from the local
-    model or the teacher server (`teacher.url`)."""
-    t = setup.config.teacher
+    """The teacher's log-prob at every response token, and its top-k and entropy where the
+    objective reads them, from the local model or the teacher server (`teacher.url`)."""
+    t, objective = setup.config.teacher, setup.objective
+    top_k = t.top_k if objective.teacher_topk else 0
     if isinstance(setup.teacher, RemoteTeacher):
-        scored = setup.teacher.score_batch(batch, t.top_k)
+        scored = setup.teacher.score_batch(batch, top_k, objective.teacher_entropy)
     else:
         on_teacher = batch.to(device_of(setup.teacher))
-        objective = setup.objective
-        top_k = t.top_k if objective.teacher_topk else 0
         scored = score_batch(
             setup.teacher, on_teacher, top_k, t.chunk_size, objective.teacher_entropy
         )
@@ -358,8 +364,9 @@ def build(config: Config, run_dir: Path) -> Setup:
         apply_lora(student, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
     student_ddp = distributed.parallelize(student, config.distributed)
     tokenizer = load_tokenizer(m.tokenizer or m.student)
+    sampler = choose_sampler(config, objective)
     vllm = None
-    if config.rollout.engine == "vllm":
+    if sampler == "vllm":
         if config.lora.enabled:
             raise ConfigError("rollout.engine: vllm takes no LoRA weights; use hf or no LoRA")
         from tropd.rollout.vllm_engine import VLLMEngine
@@ -421,9 +428,17 @@ def build(config: Config, run_dir: Path) -> Setup:
         eval_items,
         encode(eval_items),
         student_ddp=student_ddp,
+        sampler=sampler,
         vllm=vllm,
         chunked_head=chunked,
     )
+
+
+def choose_sampler(config: Config, objective: Objective) -> str:
+    """What samples the student's rollouts, decided once per run: `blend` when the
+    objective samples from the student-teacher blend (`BlendEngine`, whatever
+    `rollout.engine` says), else `rollout.engine` (`hf` or `vllm`)."""
+    return "blend" if objective.blended_rollout else config.rollout.engine
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
