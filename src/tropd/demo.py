@@ -17,11 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from tropd.config import Config, load_config
+from tropd.model_names import load_model, load_tokenizer
+from tropd.plot import plot_runs, read_metrics
+from tropd.recipes import mismatch as chain_models
+from tropd.tasks.reasoning import ChainTask
+from tropd.train import train
 
 
 @dataclass(frozen=True)
@@ -93,8 +99,6 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     student tokens (guided runs start fully off-policy), the share of student tokens
     routed to an outlier loss (mean over those steps; None for methods that route
     nothing), skipped steps and the seconds spent in training steps."""
-    from tropd.plot import read_metrics
-
     records = read_metrics(Path(run_dir))
     evals = [r for r in records if "eval/accuracy" in r]
     steps = [r for r in records if r["step"] > 0]
@@ -126,8 +130,6 @@ def run_methods(
     console: Console | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train the student with each method in `out_dir/<method>`; return their summaries."""
-    from tropd.train import train
-
     console = console or Console(stderr=True)
     results = {}
     for method in methods:
@@ -174,23 +176,16 @@ def prepare_pair(
 ) -> tuple[Path, Path, dict[str, float]]:
     """(teacher dir, student dir, starting divergence) for a mismatch setting, building
     the models on first use."""
-    from tropd.model_names import load_model, load_tokenizer
-    from tropd.recipes.mismatch import (
-        TEACHER_RECIPE,
-        measure_mismatch,
-        prepare_chain_model,
-        student_recipe,
-    )
-    from tropd.tasks.reasoning import ChainTask
-
     console = console or Console(stderr=True)
     started = time.perf_counter()
-    teacher = prepare_chain_model(TEACHER_RECIPE, cache_dir=cache_dir)
-    student = prepare_chain_model(student_recipe(mismatch), cache_dir=cache_dir)
+    teacher = chain_models.prepare_chain_model(chain_models.TEACHER_RECIPE, cache_dir=cache_dir)
+    student = chain_models.prepare_chain_model(
+        chain_models.student_recipe(mismatch), cache_dir=cache_dir
+    )
     built = time.perf_counter() - started
     if built > 5:
         console.print(f"built the chain teacher and student in {built:.0f}s (cached from now on)")
-    divergence = measure_mismatch(
+    divergence = chain_models.measure_mismatch(
         load_model(str(teacher), "float32", "cpu"),
         load_model(str(student), "float32", "cpu"),
         load_tokenizer(str(student)),
@@ -217,8 +212,6 @@ def run_demo(
     One is fastest for these tiny models, and much faster on a busy machine, where a
     second thread competing for a core slowed a run by two orders of magnitude.
     """
-    import torch
-
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -238,8 +231,6 @@ def _run_demo(
     settings: DemoSettings | None,
     console: Console | None,
 ) -> dict[str, Any]:
-    from tropd.plot import plot_runs
-
     console = console or Console(stderr=True)
     settings = settings or (QUICK if quick else FULL)
     out_dir = Path(out_dir)

@@ -7,56 +7,13 @@ a prompt file (`file`, `jsonl:PATH`, ...; see `tropd.tasks.sources`), reasoning-
 generators (`reasoning_gym:NAME[,NAME...]`) or `humaneval`.
 """
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-
-@dataclass(frozen=True)
-class Item:
-    """One problem: the user message text and its reference answer.
-
-    Optional parts, for prompt files and generators: `messages` (a whole chat,
-    `({"role": ..., "content": ...}, ...)`, used instead of `prompt` when set),
-    `system` (this item's system prompt), `tests` (code a program must pass) and
-    `meta` (whatever the task's verifier needs, e.g. a reasoning-gym entry).
-    """
-
-    prompt: str
-    answer: str
-    messages: tuple[dict[str, str], ...] | None = None
-    system: str | None = None
-    tests: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict, compare=False)
-
-
-class Task(Protocol):
-    """What the trainer and the evaluator need from a task."""
-
-    name: str
-
-    def items(self, split: str, n: int, seed: int) -> list[Item]:
-        """`n` items from `split` ("train" or "eval"); the splits are disjoint."""
-        ...
-
-    def score(self, response: str, item: Item) -> float:
-        """1.0 if `response` (text, special tokens removed) is correct, else 0.0
-        (some verifiers, e.g. reasoning-gym's, give partial credit in between)."""
-        ...
-
-
-class SFTTask(Task, Protocol):
-    """A task the built-in SFT recipe can train a character-level model on."""
-
-    alphabet: str  # every character a prompt or a gold response can contain
-
-    def gold_response(self, item: Item) -> str:
-        """The reference response text, without an end-of-sequence token."""
-        ...
-
-
-# Imported last: the built-in tasks import `Item` from this module.
-from tropd.tasks.builtin import get_task as get_builtin_task  # noqa: E402
-from tropd.tasks.builtin import list_tasks  # noqa: E402
+from tropd.tasks.builtin import get_task as get_builtin_task
+from tropd.tasks.builtin import list_tasks
+from tropd.tasks.gym import ReasoningGymTask
+from tropd.tasks.humaneval import HumanEvalTask
+from tropd.tasks.reasoning import make_chain_task
+from tropd.tasks.sources import make_source_task, source_kind
+from tropd.tasks.task import Item, SFTTask, Task
 
 
 def get_task(name: str, **options: object) -> Task:
@@ -68,19 +25,11 @@ def get_task(name: str, **options: object) -> Task:
     `reasoning_gym:NAME[,NAME...]` draws from reasoning-gym generators; `humaneval`
     is the HumanEval code benchmark. An unknown name or option is a `ValueError`.
     """
-    from tropd.tasks.sources import make_source_task, source_kind
-
     if name == "humaneval":
-        from tropd.tasks.humaneval import HumanEvalTask
-
         return HumanEvalTask.from_options(**options)
     if name.startswith("reasoning_gym:"):
-        from tropd.tasks.gym import ReasoningGymTask
-
         return ReasoningGymTask.from_options(name.removeprefix("reasoning_gym:"), **options)
     if name == "chain":
-        from tropd.tasks.reasoning import make_chain_task
-
         return make_chain_task(**options)
     if source_kind(name) is not None:
         return make_source_task(name, **options)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from tropd.tasks import Item, SFTTask
+from tropd.tasks.task import Item, SFTTask
 
 SPLITS = ("train", "eval")
 EVAL_PERCENT = 10  # share of the problem space that belongs to the eval split

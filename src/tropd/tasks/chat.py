@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tropd.tasks import Item
+from tropd.tasks.task import Item
 
 
 def item_messages(item: Item, system_prompt: str | None = None) -> list[dict[str, str]]:

@@ -21,7 +21,7 @@ import random
 import re
 from typing import Any
 
-from tropd.tasks import Item
+from tropd.tasks.task import Item
 from tropd.tasks.verifiers import tagged_answer
 
 

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-from tropd.tasks import Item
+from tropd.tasks.task import Item
 
 SPLITS = ("train", "eval")
 EVAL_PERCENT = 10  # share of the problem space that belongs to the eval split

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tropd.tasks import Item
+from tropd.tasks.task import Item
 from tropd.tasks.verifiers import Limits, code_score, get_verifier
 
 FORMATS = ("jsonl", "json", "parquet", "csv", "hf")

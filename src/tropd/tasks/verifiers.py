@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tropd.tasks import Item
+from tropd.tasks.task import Item
 
 Verifier = Callable[[str, Item], float]
 

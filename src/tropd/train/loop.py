@@ -20,12 +20,14 @@ import torch
 from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch, align_logits
 from tropd.config import Config, ConfigError, save_config
 from tropd.head import HeadLogits, chunked_head_supported, hidden_only
+from tropd.lora import apply_lora, merge_lora
 from tropd.model_names import load_model, load_tokenizer, read_vocab_size, resolve_model_path
 from tropd.objectives import Objective, get_objective, list_objectives
 from tropd.objectives.registry import OptionError
 from tropd.rollout import GuidancePlan, HFEngine, SamplingParams, collect_rollouts, prefix_cap
 from tropd.rollout.blend import BlendEngine, blend_budget
 from tropd.rollout.engine import is_sharded
+from tropd.rollout.vllm_engine import VLLMEngine
 from tropd.tasks import get_task
 from tropd.tasks.chat import encode_prompt
 from tropd.teacher import score_batch
@@ -358,8 +360,6 @@ def build(config: Config, run_dir: Path) -> Setup:
     m = config.model
     student = load_model(m.student, m.dtype, m.device)
     if config.lora.enabled:
-        from tropd.lora import apply_lora
-
         lora = config.lora
         apply_lora(student, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
     student_ddp = distributed.parallelize(student, config.distributed)
@@ -369,8 +369,6 @@ def build(config: Config, run_dir: Path) -> Setup:
     if sampler == "vllm":
         if config.lora.enabled:
             raise ConfigError("rollout.engine: vllm takes no LoRA weights; use hf or no LoRA")
-        from tropd.rollout.vllm_engine import VLLMEngine
-
         path = resolve_model_path(m.student)
         memory = config.rollout.vllm_memory
         vllm = VLLMEngine(path, tokenizer.eos_token_id, memory, m.dtype, config.run.seed)
@@ -474,8 +472,6 @@ def export_final(setup: Setup) -> None:
     rank 0 writes them."""
     final, tmp = setup.run_dir / "final", setup.run_dir / ".tmp_final"
     if setup.config.lora.enabled:
-        from tropd.lora import merge_lora
-
         merge_lora(setup.student)
     weights = distributed.full_state_dict(setup.student)
     if not distributed.is_main_process():
