@@ -23,7 +23,7 @@ from tropd.batch import TokenBatch
 # Importing the rules registers them (`@register` beside each).
 from tropd.objectives import baselines, methods  # noqa: F401
 from tropd.objectives.estimators import agg_denominator, aggregate, entropy, k1_reward
-from tropd.objectives.registry import REGISTRY, Method, resolve_options
+from tropd.objectives.registry import REGISTRY, Method, OptionError, resolve_options
 from tropd.objectives.routers import trust_probability
 
 DIAGNOSTIC_CHUNK = 1024  # positions per chunk for the entropy diagnostic
@@ -163,6 +163,7 @@ __all__ = [
     "REGISTRY",
     "Objective",
     "ObjectiveOutput",
+    "OptionError",
     "describe_objectives",
     "get_objective",
     "list_objectives",

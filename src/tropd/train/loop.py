@@ -22,8 +22,7 @@ from tropd.config import Config, ConfigError, save_config
 from tropd.head import HeadLogits, chunked_head_supported, hidden_only
 from tropd.lora import apply_lora, merge_lora
 from tropd.model_names import load_model, load_tokenizer, read_vocab_size, resolve_model_path
-from tropd.objectives import Objective, get_objective, list_objectives
-from tropd.objectives.registry import OptionError
+from tropd.objectives import Objective, OptionError, get_objective, list_objectives
 from tropd.rollout import GuidancePlan, HFEngine, SamplingParams, collect_rollouts, prefix_cap
 from tropd.rollout.blend import BlendEngine, blend_budget
 from tropd.rollout.engine import is_sharded
