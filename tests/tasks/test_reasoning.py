@@ -79,3 +79,19 @@ def test_one_tokenizer_covers_every_style():
             text = item.prompt + task.with_style(style).gold_response(item)
             assert tokenizer.unk_token_id not in tokenizer.encode(text, add_special_tokens=False)
             assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_domains_give_one_operator_per_problem_and_record_it():
+    items = ChainTask(domains="+-").items("eval", 200, 0)
+    op_of = {"add": "+", "sub": "-"}
+    pure = 0
+    for item in items:
+        ops = [op for _, op, _, _ in parse_steps(item.prompt)]
+        # only at the edge of 0..max_value may a step fall back to the other operator
+        pure += set(ops) == {op_of[item.meta["domain"]]}
+    assert pure >= 0.9 * len(items)
+    counts = [sum(i.meta["domain"] == d for i in items) for d in op_of]
+    assert min(counts) > 60  # about half each (binomial std 7)
+    assert ChainTask().items("eval", 5, 0)[0].meta == {}
+    with pytest.raises(ValueError, match="domains"):
+        ChainTask(domains="+/")

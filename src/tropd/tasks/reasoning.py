@@ -31,6 +31,7 @@ from tropd.tasks.task import Item
 SPLITS = ("train", "eval")
 EVAL_PERCENT = 10  # share of the problem space that belongs to the eval split
 OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+DOMAINS = {"+": "add", "-": "sub", "*": "mul"}  # a one-operator chain's domain name
 ANSWER_PREFIX = "answer: "
 _ANSWER = re.compile(r"answer:\s*(-?\d+)\s*$")
 
@@ -61,6 +62,9 @@ class ChainTask:
     operations, each an operator from `ops` and an operand in `1..max_operand`
     (`2..max_operand` for `*`) chosen so every intermediate value stays in
     `0..max_value`. `style` picks how `gold_response` writes the steps (`STYLES`).
+    With `domains` (e.g. "+-"), each problem first draws one operator of `domains` and
+    uses only it (a domain: `add`, `sub` or `mul`, recorded in `item.meta["domain"]`),
+    so a model can be trained or evaluated per domain.
     """
 
     name: ClassVar[str] = "chain"
@@ -70,6 +74,7 @@ class ChainTask:
     max_value: int = 99
     ops: str = "+-"
     style: str = "forward"
+    domains: str = ""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_steps <= self.max_steps:
@@ -84,6 +89,10 @@ class ChainTask:
             )
         if not self.ops or set(self.ops) - set(OPERATORS) or len(set(self.ops)) != len(self.ops):
             raise ValueError(f"chain: ops must be distinct characters of +-*, got {self.ops!r}")
+        if set(self.domains) - set(OPERATORS) or len(set(self.domains)) != len(self.domains):
+            raise ValueError(
+                f"chain: domains must be distinct characters of +-*, got {self.domains!r}"
+            )
         if self.style not in STYLES:
             raise ValueError(f"chain: unknown style {self.style!r}; use one of {', '.join(STYLES)}")
 
@@ -93,10 +102,10 @@ class ChainTask:
         one tokenizer."""
         return "0123456789+-*=;, \n" + ANSWER_PREFIX
 
-    def _step(self, value: int, rng: random.Random) -> tuple[str, int]:
-        """An operator and operand that keep `value` inside `0..max_value`."""
+    def _step(self, value: int, ops: str, rng: random.Random) -> tuple[str, int]:
+        """An operator of `ops` and an operand that keep `value` inside `0..max_value`."""
         for _ in range(100):
-            op = rng.choice(self.ops)
+            op = rng.choice(ops)
             operand = rng.randint(2 if op == "*" else 1, self.max_operand)
             if 0 <= OPERATORS[op](value, operand) <= self.max_value:
                 return op, operand
@@ -104,13 +113,15 @@ class ChainTask:
         return ("-", 1) if value > 0 else ("+", 1)
 
     def _make_item(self, rng: random.Random) -> Item:
+        ops = rng.choice(self.domains) if self.domains else self.ops
         value = rng.randint(0, self.max_value)
         prompt = str(value)
         for _ in range(rng.randint(self.min_steps, self.max_steps)):
-            op, operand = self._step(value, rng)
+            op, operand = self._step(value, ops, rng)
             prompt += f"{op}{operand}"
             value = OPERATORS[op](value, operand)
-        return Item(prompt=prompt + "=", answer=str(value))
+        meta = {"domain": DOMAINS[ops]} if self.domains else {}
+        return Item(prompt=prompt + "=", answer=str(value), meta=meta)
 
     def items(self, split: str, n: int, seed: int) -> list[Item]:
         """`n` items of `split`, drawn by rejection on the split of each prompt."""
