@@ -6,8 +6,10 @@ student forward/backward -> AdamW step) on the same models, prompts and budgets:
 - `tropd-opd`: `tropd.train.loop.train_step` with objective `opd`.
 - `tropd-tropd`: the same with objective `tropd` and its defaults, so teacher prefixes
   (guidance) stay on, as `objective.name=tropd` gives a user. The timed steps sit in the
-  middle of a long cosine schedule, where the prefix cap is `new_tokens / 2` (the average
-  over a run): the teacher writes about half of each response, the student the rest.
+  middle of a long cosine schedule, where the prefix cap is half (the average over a run)
+  of the teacher's response (`guidance.cap_unit=fraction`): the teacher writes whole
+  responses for the guided rollouts (half of them by tropd's default), each student
+  continues from a prefix of uniform length below the cap.
 - `tropd-fkl_outlier`: TrOPD's trust gate and top-k forward KL on outliers without the
   teacher prefixes (the `fkl_outlier` preset; what `tropd` costs at the end of its
   schedule, when the prefix cap has reached 0).
@@ -87,7 +89,7 @@ GRAD_CLIP = 1.0
 FOREIGN_LIMIT = 0.15  # cores used by other processes during a step before it counts as unclean
 RETRY_FACTOR = 3  # timed steps at most, as a multiple of the clean steps asked for
 TROPD_HORIZON = 1001  # run.steps of the tropd config: the guidance schedule's length
-TROPD_FIRST_STEP = TROPD_HORIZON // 2  # warm-up step; the prefix cap there is new_tokens / 2
+TROPD_FIRST_STEP = TROPD_HORIZON // 2  # warm-up step; the prefix cap there is half the maximum
 UNK = 2  # token id of "t2" (PAD "t0" and EOS "t1" are 0 and 1)
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"

@@ -137,6 +137,8 @@ def config_error(path=None, overrides=()) -> str:
         ("rollout.top_p=1.5", ["rollout.top_p"]),
         ("guidance.guided_fraction=2", ["guidance.guided_fraction"]),
         ("guidance.prefix=sometimes", ["guidance.prefix"]),
+        ("guidance.initial_cap=0", ["guidance.initial_cap"]),
+        ("guidance.cap_unit=words", ["guidance.cap_unit"]),
         ("teacher.top_k=0", ["teacher.top_k"]),
     ],
 )
@@ -144,6 +146,11 @@ def test_bad_values_name_their_key(override: str, names: list[str]) -> None:
     message = config_error(overrides=[override])
     for name in names:
         assert name in message
+
+
+def test_a_fractional_initial_cap_is_at_most_one() -> None:
+    message = config_error(overrides=["guidance.cap_unit=fraction", "guidance.initial_cap=2"])
+    assert "guidance" in message and "initial_cap" in message and "(0, 1]" in message
 
 
 def test_missing_file(tmp_path: Path) -> None:

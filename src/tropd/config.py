@@ -85,20 +85,57 @@ class RolloutConfig(_Section):
     )
 
 
+GUIDANCE_DEFAULTS: dict[str, Any] = {
+    "schedule": "cosine",
+    "prefix": "cap",
+    "guided_fraction": 1.0,
+    "full_prefix": False,
+}
+"""What a null `guidance.*` setting means when the objective has no default of its own."""
+
+
 class GuidanceConfig(_Section):
     enabled: bool | None = Field(
         None, description="teacher prefixes; null: on for objectives that use them (tropd)"
     )
-    schedule: Literal["cosine", "constant"] = Field(
-        "cosine", description="prefix cap L_max over steps: cosine from L_0 to 0, or constant L_0"
+    schedule: Literal["cosine", "constant"] | None = Field(
+        None,
+        description="prefix cap L_max over steps: cosine from L_0 to 0, or constant L_0; "
+        "null: the objective's (seqkd: constant), else cosine",
     )
-    prefix: Literal["cap", "uniform"] = Field(
-        "cap", description="cap: l = min(|y_T|, L_max); uniform: l ~ U[0, min(|y_T|, L_max)]"
+    prefix: Literal["cap", "uniform"] | None = Field(
+        None,
+        description="cap: l = min(|y_T|, L_max); uniform: l ~ U[0, min(|y_T|, L_max)]; "
+        "null: the objective's (tropd: uniform), else cap",
     )
-    guided_fraction: float = Field(
-        1.0, ge=0, le=1, description="share of each prompt's rollouts that get a prefix"
+    guided_fraction: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="share of each prompt's rollouts that get a prefix; "
+        "null: the objective's (tropd: 0.5), else 1",
     )
     temperature: float = Field(1.0, gt=0, description="teacher sampling temperature")
+    cap_unit: Literal["tokens", "fraction"] = Field(
+        "fraction", description="L_0 and L_max as a share of each teacher response, or in tokens"
+    )
+    initial_cap: float | None = Field(
+        None, gt=0, description="L_0; null: 1.0 (fraction) or rollout.max_new_tokens (tokens)"
+    )
+    full_prefix: bool | None = Field(
+        None,
+        description="a prefix may cover a whole teacher response (a fully off-policy, pure-SFT "
+        "row); null: the objective's (seqkd: true), else false",
+    )
+
+    @model_validator(mode="after")
+    def _fraction_cap_at_most_one(self) -> GuidanceConfig:
+        if self.cap_unit == "fraction" and (self.initial_cap or 0) > 1:
+            raise ValueError(
+                "initial_cap is a share of the teacher's response with cap_unit fraction: "
+                "use a value in (0, 1]"
+            )
+        return self
 
 
 class TeacherConfig(_Section):
@@ -175,6 +212,9 @@ class EvalConfig(_Section):
     every: int = Field(10, ge=0, description="evaluate every N steps and at step 0 (0: off)")
     num_prompts: int = Field(64, gt=0, description="held-out prompts (eval split)")
     temperature: float = Field(0.0, ge=0, description="sampling for accuracy (0: greedy)")
+    samples: int = Field(
+        1, ge=1, description="temperature-1 samples per prompt (sampled accuracy, reverse KL)"
+    )
     max_new_tokens: int | None = Field(None, gt=0, description="default: rollout.max_new_tokens")
 
 

@@ -98,7 +98,12 @@ def ragged_batch():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     ("name", "options"),
-    [("tropd", {"trust_gate": "soft"}), ("opd", {}), ("topk_fkl", {}), ("clip_outlier", {})],
+    [
+        ("tropd", {"trust_gate": "soft", "guidance_norm": "joint"}),
+        ("opd", {}),
+        ("topk_fkl", {}),
+        ("clip_outlier", {"guidance_norm": "joint"}),
+    ],
 )
 def test_objective_loss_uses_the_documented_token_weights(mode, name, options) -> None:
     theta, batch = ragged_batch()
@@ -112,9 +117,62 @@ def test_objective_loss_uses_the_documented_token_weights(mode, name, options) -
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["tropd", "clip_outlier"])
+def test_separate_guidance_norm_averages_prefix_and_student_tokens_apart(mode, name) -> None:
+    # loss = mean over student tokens + mean over prefix tokens (the rule weighs the prefix
+    # loss by beta), each mean as loss_agg says, so beta is relative to the on-policy term.
+    theta, batch = ragged_batch()
+    objective = get_objective(name, loss_agg=mode, guidance_norm="separate", trust_gate="soft")
+    out = objective(theta, batch)
+    weights = expected_weights(batch.student_mask, mode) + expected_weights(
+        batch.teacher_mask, mode
+    )
+    expected = (weights * out.token_loss.double()).sum()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_separate_guidance_norm_on_a_hand_computed_batch() -> None:
+    # One row: two prefix tokens, then two student tokens sampled by the (uniform) student
+    # itself, so lq = lpS and the PG ratio is 1. The rule computes in float32: rel 1e-6.
+    origin = torch.tensor([[PROMPT, TEACHER, TEACHER, STUDENT, STUDENT]])
+    tokens = torch.tensor([[0, 1, 2, 3, 0]])
+    logits = torch.zeros(1, 5, V, dtype=torch.float64)  # uniform student: lpS = -log V
+    lp_s = -torch.log(torch.tensor(float(V), dtype=torch.float64))
+    lp_t = torch.tensor([[0.0, -1.0, -3.0, -2.0, -2.0]], dtype=torch.float64)
+    batch = TokenBatch(
+        tokens=tokens,
+        origin=origin,
+        attention_mask=torch.ones(1, 5, dtype=torch.long),
+        sampler_logprobs=torch.tensor([[0.0, 0.0, 0.0, lp_s.item(), lp_s.item()]]),
+        teacher_logprobs=lp_t,
+        teacher_topk_ids=torch.zeros(1, 5, 1, dtype=torch.long),
+        teacher_topk_logprobs=torch.zeros(1, 5, 1, dtype=torch.float64),
+    )
+    beta = 0.5
+    objective = get_objective("tropd", trust_gate="soft", outlier="mask", beta=beta)
+    out = objective(logits, batch)
+    # student tokens: r = lpT - lq, w = min(1, e^r), loss_t = w * (-exp(0) * r); mask outliers
+    r = lp_t[0, 3:] - lp_s
+    student = (torch.clamp(r.exp(), max=1.0) * -r).mean()
+    # prefix tokens: beta * (lpT - lpS), averaged over the two prefix tokens
+    prefix = beta * (lp_t[0, 1:3] - lp_s).mean()
+    assert out.loss.item() == pytest.approx((student + prefix).item(), rel=1e-6)
+    joint = get_objective(
+        "tropd", trust_gate="soft", outlier="mask", beta=beta, guidance_norm="joint"
+    )
+    everything = torch.cat([torch.clamp(r.exp(), max=1.0) * -r, beta * (lp_t[0, 1:3] - lp_s)])
+    assert joint(logits, batch).loss.item() == pytest.approx(everything.mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     ("name", "options"),
-    [("tropd", {"trust_gate": "soft"}), ("tropd", {"trust_gate": "threshold"}), ("opd", {})],
+    [
+        ("tropd", {"trust_gate": "soft"}),
+        ("tropd", {"trust_gate": "soft", "guidance_norm": "joint"}),
+        ("tropd", {"trust_gate": "threshold"}),
+        ("opd", {}),
+    ],
 )
 def test_micro_batches_add_up_to_the_full_batch(mode, name, options) -> None:
     theta, batch = ragged_batch()
@@ -122,9 +180,12 @@ def test_micro_batches_add_up_to_the_full_batch(mode, name, options) -> None:
     full = objective(theta, batch)
     (full_grad,) = torch.autograd.grad(full.loss, theta)
 
-    denominator = objective.denominator(batch)
+    counts = {
+        "denominator": objective.denominator(batch),
+        "prefix_denominator": objective.prefix_denominator(batch),
+    }
     slices = [slice(0, 1), slice(1, 3), slice(3, 4)]
-    parts = [objective(theta[s], batch.select(s), denominator=denominator).loss for s in slices]
+    parts = [objective(theta[s], batch.select(s), **counts).loss for s in slices]
     total = sum(parts)
     (micro_grad,) = torch.autograd.grad(total, theta)
     assert total.item() == pytest.approx(full.loss.item(), rel=1e-6, abs=1e-9)

@@ -69,11 +69,20 @@ def test_teacher_tokens_get_beta_nll_gradient_and_prompt_gets_none(beta, trust, 
         assert grad[t].abs().sum() > 0
 
 
-def test_guidance_tokens_count_in_the_token_mean() -> None:
+def test_joint_norm_counts_guidance_tokens_in_the_token_mean() -> None:
     theta, batch = guided_row(trust=True)
-    out = get_objective("tropd", loss_agg="token_mean")(theta[None], batch)
+    objective = get_objective("tropd", loss_agg="token_mean", guidance_norm="joint")
+    out = objective(theta[None], batch)
     trained = len(TEACHER_POS) + len(STUDENT_POS)
     assert out.loss.item() == pytest.approx(out.token_loss.sum().item() / trained, rel=1e-6)
+
+
+def test_separate_norm_adds_the_prefix_mean_to_the_student_mean() -> None:
+    theta, batch = guided_row(trust=True)
+    out = get_objective("tropd", loss_agg="token_mean")(theta[None], batch)
+    student = out.token_loss[0, STUDENT_POS].sum().item() / len(STUDENT_POS)
+    prefix = out.token_loss[0, TEACHER_POS].sum().item() / len(TEACHER_POS)
+    assert out.loss.item() == pytest.approx(student + prefix, rel=1e-6)
 
 
 def test_zero_beta_leaves_teacher_tokens_untrained() -> None:

@@ -82,7 +82,9 @@ def test_options_resolve_over_defaults() -> None:
     assert objective.options["trust_gate"] == "soft"
     assert objective.options["outlier"] == "fkl"
     assert objective.options["beta"] != get_objective("tropd").options["beta"]
-    assert get_objective("tropd").options["beta"] == 0.001
+    # beta is relative to the on-policy mean (guidance_norm separate); see README Results
+    assert get_objective("tropd").options["beta"] == 1.0
+    assert get_objective("tropd").options["guidance_norm"] == "separate"
     assert get_objective("tropd").options["logprob_floor"] == -30.0
     assert get_objective("tropd").options["ppo_clip"] is None
 

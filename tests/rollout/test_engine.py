@@ -454,6 +454,35 @@ def test_prefix_that_fills_the_budget_leaves_no_student_tokens() -> None:
     assert batch.teacher_mask.sum(-1).eq(MAX_NEW).all()
 
 
+def test_without_full_prefix_the_student_writes_part_of_every_rollout() -> None:
+    plan = GuidancePlan(cap=4, full_prefix=False)
+    batch, student, teacher = fake_rollouts([12, 13, EOS], plan)
+    # The teacher is asked for one token past the cap, to see whether its reply ends
+    # within it; the prefix stops one token short of the reply.
+    assert all(params.max_new_tokens == 5 for _, params in teacher.calls)
+    assert len(student.calls) == len(batch)
+    for row in range(len(batch)):
+        assert batch.tokens[row][batch.teacher_mask[row]].tolist() == [12, 13]
+        assert batch.tokens[row][batch.student_mask[row]].tolist() == [9, 10, 11, EOS]
+
+
+def test_without_full_prefix_a_reply_filling_the_budget_leaves_one_student_token() -> None:
+    long_reply = list(range(4, 4 + MAX_NEW + 3))
+    plan = GuidancePlan(cap=MAX_NEW + 5, full_prefix=False)
+    batch, _, _ = fake_rollouts(long_reply, plan)
+    assert batch.teacher_mask.sum(-1).eq(MAX_NEW - 1).all()
+    assert batch.student_mask.sum(-1).eq(1).all()
+
+
+@pytest.mark.parametrize(("share", "kept"), [(1.0, 4), (0.5, 2), (0.3, 1), (0.2, 0)])
+def test_relative_cap_keeps_a_share_of_each_teacher_reply(share: float, kept: int) -> None:
+    plan = GuidancePlan(cap=share, relative=True)
+    batch, _, teacher = fake_rollouts([12, 13, 14, EOS], plan)
+    # The whole reply is needed to know its length: the teacher gets the full budget.
+    assert all(params.max_new_tokens == MAX_NEW for _, params in teacher.calls)
+    assert batch.teacher_mask.sum(-1).eq(kept).all()  # floor(share * 4)
+
+
 @pytest.mark.parametrize(("fraction", "guided_per_prompt"), [(0.5, 2), (0.25, 1), (1.0, 4)])
 def test_guided_fraction_sets_how_many_rollouts_get_a_prefix(
     fraction: float, guided_per_prompt: int

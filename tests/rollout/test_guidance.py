@@ -63,6 +63,24 @@ def test_fractional_cap_is_truncated_to_whole_tokens() -> None:
     assert lengths == [5, 5, 2]
 
 
+def test_relative_cap_is_a_share_of_each_teacher_length() -> None:
+    lengths = prefix_lengths([10, 7, 0], 0.5, "cap", [True] * 3, random.Random(0), relative=True)
+    assert lengths == [5, 3, 0]
+
+
+@pytest.mark.parametrize("mode", ["cap", "uniform"])
+def test_without_full_prefix_a_prefix_stops_short_of_the_teacher_reply(mode: str) -> None:
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = prefix_lengths([1, 4, 9], 100.0, mode, [True] * 3, rng, full_prefix=False)
+        assert all(0 <= n < t for n, t in zip(lengths, [1, 4, 9], strict=True))
+    assert prefix_lengths([1, 4, 9], 100.0, "cap", [True] * 3, rng, full_prefix=False) == [
+        0,
+        3,
+        8,
+    ]
+
+
 @pytest.mark.parametrize("mode", ["cap", "uniform"])
 def test_unguided_rows_get_no_prefix(mode: str) -> None:
     guided = [True, False, True, False]

@@ -7,8 +7,10 @@ import torch
 
 from tropd.batch import align_logits
 from tropd.model_names import load_model
-from tropd.rollout import HFEngine, SamplingParams, collect_rollouts
-from tropd.train.heldout import reverse_kl
+from tropd.rollout import Generation, HFEngine, SamplingParams, collect_rollouts
+from tropd.tasks import Item
+from tropd.tasks.tokenizer import build_char_tokenizer
+from tropd.train.heldout import heldout_metrics, reverse_kl
 
 
 @pytest.mark.parametrize("chunk", [3, 1024])
@@ -31,3 +33,46 @@ def test_reverse_kl_is_the_full_vocabulary_kl_on_student_tokens(tiny_pair, chunk
     expected = float(per_token.mean())
     assert reverse_kl(student, teacher, batch, chunk) == pytest.approx(expected, rel=1e-5)
     assert reverse_kl(student, student, batch, chunk) == pytest.approx(0.0, abs=1e-6)
+
+
+class _CountingEngine:
+    """Answers prompt i with the i-th of `replies` on each call to `generate` (one per
+    row, samples of a prompt in a row), so every accuracy below is known exactly."""
+
+    def __init__(self, replies: list[str], tokenizer):
+        self.replies, self.tokenizer = replies, tokenizer
+
+    def generate(self, prompts, params):
+        per_row = params if isinstance(params, list) else [params] * len(prompts)
+        out = []
+        for index, _ in enumerate(per_row):
+            ids = self.tokenizer.encode(self.replies[index % len(self.replies)])
+            out.append(Generation(ids, [0.0] * len(ids), False))
+        return out
+
+
+def test_sampled_and_per_domain_accuracies():
+    class Exact:
+        def score(self, response: str, item: Item) -> float:
+            return float(response == item.answer)
+
+    tokenizer = build_char_tokenizer("0123456789")
+    items = [
+        Item("a", "1", meta={"domain": "add"}),
+        Item("b", "2", meta={"domain": "add"}),
+        Item("c", "3", meta={"domain": "sub"}),
+    ]
+    prompts = [tokenizer.encode(i.prompt) for i in items]
+    # greedy: one reply per item ("1", "9", "3"); sampled: 2 per item, rows in order
+    # ("1", "9", "3", "1", "9", "3") -> item a: "1", "9"; b: "3", "1"; c: "9", "3"
+    engine = _CountingEngine(["1", "9", "3"], tokenizer)
+    scores = heldout_metrics(
+        None, None, engine, tokenizer, Exact(), items, prompts, 4, 0.0, samples=2
+    )
+    assert scores["eval/accuracy"] == pytest.approx(2 / 3)
+    assert scores["eval/accuracy/add"] == pytest.approx(1 / 2)
+    assert scores["eval/accuracy/sub"] == pytest.approx(1.0)
+    assert scores["eval/sampled_accuracy"] == pytest.approx(2 / 6)
+    assert scores["eval/sampled_accuracy/add"] == pytest.approx(1 / 4)
+    assert scores["eval/sampled_accuracy/sub"] == pytest.approx(1 / 2)
+    assert "eval/reverse_kl" not in scores  # no teacher

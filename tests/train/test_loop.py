@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from tropd.config import Config, ConfigError, load_config
+from tropd.config import GUIDANCE_DEFAULTS, Config, ConfigError, load_config
 from tropd.rollout.blend import BlendEngine
 from tropd.train import loop
 from tropd.train.checkpoint import list_checkpoints
@@ -164,6 +164,19 @@ def test_reverse_kl_on_heldout_prompts_falls(sharp_pair, tmp_path, objective):
     assert after < 0.6 * before, (before, after)
 
 
+def test_every_step_has_student_tokens_under_tropds_defaults(sharp_pair, tmp_path):
+    # Guidance as the defaults set it never makes a step pure SFT on teacher text: each
+    # rollout keeps some student tokens, from the first step (largest prefix cap) on.
+    config = make_config(
+        sharp_pair, tmp_path / "run", "run.steps=4", "run.save_every=0", "eval.every=0"
+    )
+    assert config.objective.name == "tropd" and config.guidance.full_prefix is None
+    metrics = read_metrics(loop.train(config))
+    assert metrics[0]["prefix_len_mean"] > 0, "the first step is guided"
+    for record in metrics:
+        assert record["student_tokens"] > 0 and record["off_policy_fraction"] == 0.0
+
+
 def test_run_directory_contents(sharp_pair, tmp_path):
     config = make_config(
         sharp_pair, tmp_path / "run", "run.steps=3", "run.save_every=2", "eval.every=0"
@@ -184,7 +197,8 @@ def test_run_directory_contents(sharp_pair, tmp_path):
         "skipped_steps",
     }
     assert required <= set(metrics[0])
-    assert metrics[0]["prefix_cap"] == 8.0 and metrics[-1]["prefix_cap"] == 0.0
+    # the default cap is a share of each teacher response, from all of it to none
+    assert metrics[0]["prefix_cap"] == 1.0 and metrics[-1]["prefix_cap"] == 0.0
     assert load_config(run_dir / "config.yaml") == config
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert {"step", "prompt", "teacher_prefix", "student"} <= set(samples[0])
@@ -302,3 +316,22 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(sharp_pair, tmp_p
     for a, b in zip(expected, got, strict=True):
         for key in (k for k in a if not k.startswith("time_")):  # timings differ
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+
+
+@pytest.mark.parametrize(
+    ("objective", "overrides", "expected"),
+    [
+        ("tropd", [], {"schedule": "cosine", "prefix": "uniform", "guided_fraction": 0.5}),
+        ("seqkd", [], {"schedule": "constant", "prefix": "cap", "full_prefix": True}),
+        ("opd", [], {"schedule": "cosine", "prefix": "cap", "guided_fraction": 1.0}),
+        ("tropd", ["guidance.prefix=cap", "guidance.guided_fraction=1"], {"prefix": "cap"}),
+        ("seqkd", ["guidance.full_prefix=false"], {"full_prefix": False}),
+    ],
+)
+def test_null_guidance_settings_take_the_objectives_defaults(objective, overrides, expected):
+    config = make_config(("t", "s"), Path("run"), f"objective.name={objective}", *overrides)
+    settings = loop.guidance_settings(config, loop.objective_from_config(config))
+    assert set(settings) == set(GUIDANCE_DEFAULTS)
+    assert {k: settings[k] for k in expected} == expected
+    if objective != "seqkd":
+        assert settings["full_prefix"] is False  # no pure-SFT rollouts unless asked for

@@ -44,7 +44,13 @@ class Objective:
 
     @property
     def wants_guidance(self) -> bool:
-        return self.method.guidance
+        """Whether its rollouts get teacher prefixes unless `guidance.enabled` says."""
+        return self.method.guidance is not None
+
+    @property
+    def guidance_defaults(self) -> dict[str, Any]:
+        """The `guidance.*` settings it runs with where the config leaves them null."""
+        return self.method.guidance or {}
 
     @property
     def needs_reward(self) -> bool:
@@ -72,6 +78,13 @@ class Objective:
         `options["warmup_steps"]`) instead of the student alone."""
         return self.method.rollout == "blend"
 
+    @property
+    def separate_prefix(self) -> bool:
+        """Whether teacher-prefix tokens are averaged apart from student tokens (TrOPD's
+        `guidance_norm: separate`): `loss = mean_student(l_t) + mean_prefix(l_t)`, where
+        the rule already weighs prefix losses by beta."""
+        return self.options.get("guidance_norm") == "separate"
+
     def trained_mask(self, batch: TokenBatch) -> torch.Tensor:
         """`[B, T]` bool: the tokens this method's aggregation counts."""
         method = self.method
@@ -80,7 +93,19 @@ class Objective:
         )
 
     def denominator(self, batch: TokenBatch) -> float:
-        return agg_denominator(self.trained_mask(batch), self.options["loss_agg"])
+        """The batch's count for the loss mean (tokens or sequences, by `loss_agg`); with
+        `separate_prefix`, of the student tokens only."""
+        mask = self.trained_mask(batch)
+        if self.separate_prefix:
+            mask = mask & ~batch.teacher_mask
+        return agg_denominator(mask, self.options["loss_agg"])
+
+    def prefix_denominator(self, batch: TokenBatch) -> float:
+        """With `separate_prefix`, the count for the prefix loss's mean; else 0 (unused)."""
+        if not self.separate_prefix:
+            return 0.0
+        mask = self.trained_mask(batch) & batch.teacher_mask
+        return agg_denominator(mask, self.options["loss_agg"])
 
     def __call__(
         self,
@@ -88,11 +113,13 @@ class Objective:
         batch: TokenBatch,
         *,
         denominator: float | None = None,
+        prefix_denominator: float | None = None,
         generator: torch.Generator | None = None,
         step: int | None = None,
     ) -> ObjectiveOutput:
-        """`denominator`: the global token/sequence count when `batch` is one micro-batch of
-        a larger batch (sum the micro-batch losses to get the global loss).
+        """`denominator` (and `prefix_denominator`, with `separate_prefix`): the global
+        counts when `batch` is one micro-batch of a larger batch (sum the micro-batch losses
+        to get the global loss).
         `generator`: source of randomness for the hard trust gate.
         `step`: the 1-based optimizer step, for methods whose rule changes over training
         (REOPOLD's two-stage selection); None when unknown. The rule gets the ones it reads."""
@@ -100,7 +127,14 @@ class Objective:
         token_loss, trained, parts = self.method.rule(
             student_logits, batch, self.options, **{k: context[k] for k in self.method.reads}
         )
-        loss = aggregate(token_loss, trained, self.options["loss_agg"], denominator)
+        agg = self.options["loss_agg"]
+        if self.separate_prefix:
+            prefix = trained & batch.teacher_mask
+            loss = aggregate(token_loss, trained & ~prefix, agg, denominator) + aggregate(
+                token_loss, prefix, agg, prefix_denominator
+            )
+        else:
+            loss = aggregate(token_loss, trained, agg, denominator)
         metrics = {name: _masked_mean(v, m) for name, (v, m) in parts.items()}
         chunk = self.options.get("chunk_size", DIAGNOSTIC_CHUNK)
         metrics.update(_diagnostics(student_logits, batch, chunk))

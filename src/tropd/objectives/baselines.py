@@ -232,7 +232,7 @@ def gkd(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
     defaults={},
     summary="−lpS on teacher-written tokens (SFT on teacher responses)",
     paper="SeqKD, Kim & Rush 2016 (SPEC §3: SFT / SeqKD, off-policy distillation)",
-    guidance=True,
+    guidance={"schedule": "constant", "full_prefix": True},  # whole teacher responses
     trains_prefix=True,
     trains_student=False,
     teacher_topk=never,

@@ -51,7 +51,9 @@ class Method:
     defaults: dict[str, Any]
     summary: str
     paper: str
-    guidance: bool = False  # whether rollouts get teacher prefixes by default
+    # Teacher prefixes by default, with these `guidance.*` settings where the config leaves
+    # them null (`tropd.config.GUIDANCE_DEFAULTS` for the rest); None: no prefixes.
+    guidance: dict[str, Any] | None = None
     trains_prefix: bool = False  # whether teacher-prefix tokens are trained (and counted)
     needs_reward: bool = False  # whether the loop must fill `batch.reward` with the verifier
     choices: dict[str, tuple] = field(default_factory=dict)  # besides `loss_agg` (all methods)

@@ -14,13 +14,17 @@ from tropd.rollout.guidance import guided_rows, prefix_cap, prefix_lengths
 
 @dataclass(frozen=True)
 class GuidancePlan:
-    """What the teacher writes this step: `cap` tokens at most, `mode` cap|uniform,
-    for `fraction` of each prompt's rollouts, sampled at `temperature`."""
+    """What the teacher writes this step: `cap` tokens at most (a share of each teacher
+    response when `relative`), `mode` cap|uniform, for `fraction` of each prompt's
+    rollouts, sampled at `temperature`. `full_prefix`: whether a prefix may cover a
+    whole teacher response (a fully off-policy rollout); see `prefix_lengths`."""
 
     cap: float
     mode: str = "cap"
     fraction: float = 1.0
     temperature: float = 1.0
+    relative: bool = False
+    full_prefix: bool = True
 
 
 def collect_rollouts(
@@ -36,24 +40,35 @@ def collect_rollouts(
     """Sample `samples_per_prompt` responses per prompt and pack them right-padded.
 
     With guidance, the teacher first writes up to `int(guidance.cap)` tokens per guided
-    rollout; a prefix of that is kept (origin TEACHER) and the student continues
-    (origin STUDENT) within the remaining budget `params.max_new_tokens - len(prefix)`.
-    A prefix that ends with the teacher's EOS makes the rollout fully off-policy.
+    rollout (its whole response when the cap is relative); a prefix of that is kept
+    (origin TEACHER) and the student continues (origin STUDENT) within the remaining
+    budget `params.max_new_tokens - len(prefix)`. A prefix that ends with the teacher's
+    EOS makes the rollout fully off-policy (never so without `guidance.full_prefix`).
     Rows are prompt-major; `group` holds each row's prompt index.
     """
     rng = rng or random.Random(0)
     rows = [p for p in prompts for _ in range(samples_per_prompt)]
     prefixes: list[Generation] = [Generation([], [], False) for _ in rows]
-    cap = int(guidance.cap) if guidance is not None else 0
-    if teacher is not None and cap > 0:
+    on = guidance is not None and guidance.cap > 0 and (guidance.relative or guidance.cap >= 1)
+    if teacher is not None and on:
         guided = guided_rows(len(prompts), samples_per_prompt, guidance.fraction, rng)
         picked = [i for i, g in enumerate(guided) if g]
+        # A relative cap needs the whole teacher response (its length sets the cap); one
+        # token past an absolute cap tells whether the response ends within it.
+        budget = int(guidance.cap) + (not guidance.full_prefix)
+        budget = params.max_new_tokens if guidance.relative else budget
         written = teacher.generate(
             [rows[i] for i in picked],
-            SamplingParams(min(cap, params.max_new_tokens), guidance.temperature, 1.0),
+            SamplingParams(min(budget, params.max_new_tokens), guidance.temperature, 1.0),
         )
         keep = prefix_lengths(
-            [len(g.tokens) for g in written], cap, guidance.mode, [True] * len(picked), rng
+            [len(g.tokens) for g in written],
+            guidance.cap,
+            guidance.mode,
+            [True] * len(picked),
+            rng,
+            guidance.relative,
+            guidance.full_prefix,
         )
         for i, gen, n in zip(picked, written, keep, strict=True):
             prefixes[i] = Generation(gen.tokens[:n], [], gen.finished and n == len(gen.tokens))

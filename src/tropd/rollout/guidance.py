@@ -24,12 +24,21 @@ def prefix_lengths(
     mode: str,
     guided: list[bool],
     rng: random.Random,
+    relative: bool = False,
+    full_prefix: bool = True,
 ) -> list[int]:
-    """Tokens of each teacher response to keep: `cap` mode keeps `min(|y_T|, cap)`,
-    `uniform` draws `l ~ U{0 .. min(|y_T|, cap)}`; unguided rollouts keep 0."""
+    """Tokens of each teacher response to keep: `cap` mode keeps `min(|y_T|, limit)`,
+    `uniform` draws `l ~ U{0 .. min(|y_T|, limit)}`; unguided rollouts keep 0.
+
+    `limit` is `cap` tokens, or `cap * |y_T|` (rounded down) when `relative` (cap is a
+    share of each teacher response). Without `full_prefix` a prefix stops at least one
+    token short of the teacher's response, so the student writes part of every rollout.
+    """
     lengths = []
     for n_teacher, is_guided in zip(teacher_lengths, guided, strict=True):
-        limit = min(n_teacher, int(cap)) if is_guided else 0
+        limit = cap * n_teacher if relative else cap
+        limit = min(n_teacher if full_prefix else n_teacher - 1, int(limit))
+        limit = max(limit, 0) if is_guided else 0
         lengths.append(rng.randint(0, limit) if mode == "uniform" else limit)
     return lengths
 

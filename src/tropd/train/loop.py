@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch, align_logits
-from tropd.config import Config, ConfigError, save_config
+from tropd.config import GUIDANCE_DEFAULTS, Config, ConfigError, save_config
 from tropd.head import HeadLogits, chunked_head_supported, hidden_only
 from tropd.lora import apply_lora, merge_lora
 from tropd.model_names import load_model, load_tokenizer, read_vocab_size, resolve_model_path
@@ -135,6 +135,7 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     setup.optimizer.zero_grad(set_to_none=True)
     # Token means are global: divide by the count over all ranks (see train/distributed.py).
     denominator = distributed.all_reduce_sum(setup.objective.denominator(batch))
+    prefix_denominator = distributed.all_reduce_sum(setup.objective.prefix_denominator(batch))
     gate = torch.Generator().manual_seed(config.run.seed * 1_000_003 + step * world_size + rank)
     forward = setup.student_ddp if setup.student_ddp is not None else student
     size = config.optim.micro_batch_size
@@ -142,7 +143,14 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     for begin in range(0, len(batch), size):
         micro = batch.select(slice(begin, begin + size)).trim()
         logits = student_logits(setup, forward, micro)
-        out = setup.objective(logits, micro, denominator=denominator, generator=gate, step=step)
+        out = setup.objective(
+            logits,
+            micro,
+            denominator=denominator,
+            prefix_denominator=prefix_denominator,
+            generator=gate,
+            step=step,
+        )
         losses.append(out.loss.detach())
         if not torch.isfinite(out.loss) and world_size == 1:
             break  # the step is skipped; several ranks go on in step and all skip it together
@@ -204,13 +212,21 @@ def rollout(
     r, g = config.rollout, config.guidance
     pad = setup.tokenizer.pad_token_id
     guided = g.enabled if g.enabled is not None else setup.objective.wants_guidance
+    setting = guidance_settings(config, setup.objective)
     cap = 0.0
+    relative = g.cap_unit == "fraction"
     if guided:
-        cosine = g.schedule == "cosine"
-        cap = (
-            prefix_cap(step - 1, config.run.steps, r.max_new_tokens) if cosine else r.max_new_tokens
-        )
-    plan = GuidancePlan(cap, g.prefix, g.guided_fraction, g.temperature)
+        initial = g.initial_cap or (1.0 if relative else r.max_new_tokens)
+        cosine = setting["schedule"] == "cosine"
+        cap = prefix_cap(step - 1, config.run.steps, initial) if cosine else initial
+    plan = GuidancePlan(
+        cap,
+        setting["prefix"],
+        setting["guided_fraction"],
+        g.temperature,
+        relative,
+        setting["full_prefix"],
+    )
     batch = collect_rollouts(
         student_engine(setup, step),
         prompts,
@@ -236,6 +252,18 @@ def student_engine(setup: Setup, step: int):
         setup.vllm.push_weights(distributed.full_parameters(setup.student))
         return setup.vllm
     return HFEngine(setup.student, pad, eos)
+
+
+def guidance_settings(config: Config, objective: Objective) -> dict[str, Any]:
+    """The `guidance.*` settings of `GUIDANCE_DEFAULTS` for this run: the config's where
+    set, else the objective's own default, else the general one."""
+    own = objective.guidance_defaults
+    return {
+        key: value
+        if (value := getattr(config.guidance, key)) is not None
+        else own.get(key, default)
+        for key, default in GUIDANCE_DEFAULTS.items()
+    }
 
 
 def score_teacher(setup: Setup, batch: TokenBatch) -> TokenBatch:
@@ -289,6 +317,7 @@ def run_eval(setup: Setup) -> dict[str, float]:
             e.max_new_tokens or setup.config.rollout.max_new_tokens,
             e.temperature,
             setup.config.teacher.chunk_size,
+            e.samples,
         )
 
 
