@@ -68,11 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-body-mb", type=float, default=64, help="largest request body")
 
     demo = commands.add_parser(
-        "demo", help="the paper's result at CPU scale: OPD vs TrOPD under style mismatch"
+        "demo", help="the paper's experiment at CPU scale: OPD vs TrOPD, control and mismatch"
     )
     demo.add_argument("--quick", action="store_true", help="a short budget (about two minutes)")
-    demo.add_argument("--mismatch", default="strong", choices=("none", "mild", "strong"))
-    demo.add_argument("--methods", default="opd,tropd", help="comma-separated objectives")
+    demo.add_argument(
+        "--cells", default="none,strong", help="comma-separated: none, mild, strong, multi"
+    )
+    demo.add_argument(
+        "--methods", default="opd,fkl_outlier,tropd", help="comma-separated objectives"
+    )
     demo.add_argument("--steps", type=int, default=None, help="override the step budget")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default=None, help="output folder (default runs/demo-<time>)")
@@ -221,11 +225,15 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
 
     from tropd.demo import FULL, QUICK, run_demo
     from tropd.objectives import list_objectives
+    from tropd.recipes.mismatch import MISMATCH
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in list_objectives()]
     if unknown or not methods:
         raise ValueError(f"--methods: unknown {unknown}; valid: {', '.join(list_objectives())}")
+    cells = tuple(c.strip() for c in args.cells.split(",") if c.strip())
+    if not cells or set(cells) - set(MISMATCH):
+        raise ValueError(f"--cells {args.cells!r}: use some of {', '.join(MISMATCH)}")
     settings = QUICK if args.quick else FULL
     if args.steps is not None:
         if args.steps < 1:
@@ -236,7 +244,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
         raise ValueError(f"--threads {args.threads}: give a number of threads >= 1")
     run_demo(
         out,
-        mismatch=args.mismatch,
+        cells=cells,
         methods=methods,
         seed=args.seed,
         settings=settings,

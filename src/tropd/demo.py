@@ -1,10 +1,12 @@
 """`tropd demo`: the paper's experiment at CPU scale, in one command.
 
-A `chain` teacher (forward chain-of-thought style) and a smaller student trained in
-another style (`tropd.recipes.mismatch`, strong mismatch by default) are built on first
-use and cached. The demo measures how far apart they start, distils the student with
-each method (OPD and TrOPD by default) under the same budget, prints a table and
-writes the runs, `summary.json` and plots (`tropd.plot`) into one folder.
+A `chain` teacher and, for each cell of `tropd.recipes.mismatch` (the `none` control and
+`strong` mismatch by default), a smaller student with a capability gap (a carry/borrow
+slip) and that cell's style mismatch are built on first use and cached. For each cell
+the demo measures how far apart teacher and student start and the teacher's accuracy,
+distils the student with each method (OPD, FKL-outlier and TrOPD by default) under the
+same budget, prints one table and writes the runs, `summary.json` and plots
+(`tropd.plot`) into one folder.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from tropd.config import Config, load_config
 from tropd.model_names import load_model, load_tokenizer
 from tropd.plot import plot_runs, read_metrics
 from tropd.recipes import mismatch as chain_models
-from tropd.tasks.reasoning import ChainTask
+from tropd.rollout import HFEngine
+from tropd.tasks.chat import encode_prompt
 from tropd.train import train
+from tropd.train.heldout import heldout_metrics
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,13 @@ class DemoSettings:
     eval_prompts: int = 128
 
 
-QUICK = DemoSettings(steps=60, eval_prompts=64)
-FULL = DemoSettings(steps=200)
+QUICK = DemoSettings(steps=60, eval_every=30, eval_prompts=64)
+FULL = DemoSettings(steps=100, eval_every=50)
+
+
+def cell_overrides(cell: str) -> list[str]:
+    """Config overrides that give a run its cell's prompts (`multi`: two domains)."""
+    return [f"task.options.domains={chain_models.MULTI_DOMAINS}"] if cell == "multi" else []
 
 
 def demo_config(
@@ -93,7 +102,7 @@ def demo_config(
 
 
 def summarize(run_dir: str | Path) -> dict[str, Any]:
-    """The numbers the demo table and the ablation report from one run directory:
+    """The numbers the demo table reports from one run directory:
     greedy held-out accuracy before (step 0) and after (last step), final exact reverse
     KL, the expected trust fraction E[min(1, π_T/q)] at the first and last step with
     student tokens (guided runs start fully off-policy), the share of student tokens
@@ -128,46 +137,83 @@ def run_methods(
     seed: int = 0,
     progress: bool = True,
     console: Console | None = None,
+    cell: str = "none",
 ) -> dict[str, dict[str, Any]]:
     """Train the student with each method in `out_dir/<method>`; return their summaries."""
     console = console or Console(stderr=True)
     results = {}
     for method in methods:
         console.print(f"[bold]{method}[/]: {settings.steps} steps -> {out_dir / method}")
-        config = demo_config(method, teacher, student, settings, out_dir / method, seed, progress)
+        config = demo_config(
+            method,
+            teacher,
+            student,
+            settings,
+            out_dir / method,
+            seed,
+            progress,
+            cell_overrides(cell),
+        )
         results[method] = summarize(train(config))
     return results
+
+
+def teacher_accuracy(teacher: Path, cell: str, settings: DemoSettings, seed: int) -> float:
+    """The teacher's greedy accuracy on the held-out prompts a run of `cell` evaluates on."""
+    model = load_model(str(teacher), "float32", "cpu").eval()
+    tokenizer = load_tokenizer(str(teacher))
+    items = chain_models.cell_task(cell).items("eval", settings.eval_prompts, seed)
+    engine = HFEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    prompts = [encode_prompt(tokenizer, item) for item in items]
+    scores = heldout_metrics(
+        model,
+        None,
+        engine,
+        tokenizer,
+        chain_models.cell_task(cell),
+        items,
+        prompts,
+        settings.max_new_tokens,
+        0.0,
+    )
+    return scores["eval/accuracy"]
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def results_table(results: dict[str, dict[str, Any]], title: str) -> Table:
-    """A rich table of `summarize` results, one row per method."""
+def results_table(cells: dict[str, dict[str, Any]], title: str) -> Table:
+    """A rich table of the demo's cells: one row per cell and method (`summarize` results),
+    with the teacher's accuracy on the same prompts."""
     table = Table(title=title)
     columns = {
+        "cell": "teacher/student mismatch",
         "method": "method",
-        "accuracy": "held-out accuracy before→after",
-        "reverse KL": "exact reverse KL after (nats/token)",
+        "accuracy": "student's held-out accuracy before→after (greedy)",
+        "teacher": "teacher's accuracy",
+        "rev. KL": "exact reverse KL after (nats/token)",
         "trust p": "E[min(1, π_T/q)] first→last step",
         "outliers": "mean share routed to the outlier loss",
-        "skipped": "skipped steps",
         "s": "seconds in training steps",
     }
     for column in columns:
-        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
-    table.caption = escape("; ".join(f"{k}: {v}" for k, v in columns.items() if k != "method"))
-    for method, r in results.items():
-        table.add_row(
-            method,
-            f"{r['accuracy_before']:.2f}→{r['accuracy_after']:.2f}",
-            _fmt(r["reverse_kl_after"]),
-            f"{_fmt(r['trust_probability_first'])}→{_fmt(r['trust_probability_last'])}",
-            _fmt(r["outlier_fraction_mean"]),
-            str(r["skipped_steps"]),
-            f"{r['seconds']:.0f}",
-        )
+        table.add_column(column, justify="left" if column in ("cell", "method") else "right")
+    table.caption = escape(
+        "; ".join(f"{k}: {v}" for k, v in columns.items() if k not in ("cell", "method"))
+    )
+    for cell, c in cells.items():
+        for method, r in c["results"].items():
+            table.add_row(
+                cell,
+                method,
+                f"{r['accuracy_before']:.2f}→{r['accuracy_after']:.2f}",
+                f"{c['teacher_accuracy']:.2f}",
+                _fmt(r["reverse_kl_after"]),
+                f"{_fmt(r['trust_probability_first'])}→{_fmt(r['trust_probability_last'])}",
+                _fmt(r["outlier_fraction_mean"]),
+                f"{r['seconds']:.0f}",
+            )
     return table
 
 
@@ -179,8 +225,9 @@ def prepare_pair(
     console = console or Console(stderr=True)
     started = time.perf_counter()
     teacher = chain_models.prepare_chain_model(chain_models.TEACHER_RECIPE, cache_dir=cache_dir)
+    task = chain_models.cell_task(mismatch)
     student = chain_models.prepare_chain_model(
-        chain_models.student_recipe(mismatch), cache_dir=cache_dir
+        chain_models.student_recipe(mismatch), task, cache_dir=cache_dir
     )
     built = time.perf_counter() - started
     if built > 5:
@@ -189,7 +236,7 @@ def prepare_pair(
         load_model(str(teacher), "float32", "cpu"),
         load_model(str(student), "float32", "cpu"),
         load_tokenizer(str(student)),
-        ChainTask(),
+        task,
     )
     return teacher, student, divergence
 
@@ -197,16 +244,16 @@ def prepare_pair(
 def run_demo(
     out_dir: Path,
     quick: bool = False,
-    mismatch: str = "strong",
-    methods: tuple[str, ...] = ("opd", "tropd"),
+    cells: tuple[str, ...] = ("none", "strong"),
+    methods: tuple[str, ...] = ("opd", "fkl_outlier", "tropd"),
     seed: int = 0,
     cache_dir: Path | None = None,
     settings: DemoSettings | None = None,
     console: Console | None = None,
     threads: int | None = 1,
 ) -> dict[str, Any]:
-    """Prepare the models, run each method, print the table, write `summary.json` and
-    the plots into `out_dir`; returns the summary.
+    """Prepare the models, run each method in each cell, print the table, write
+    `summary.json` and the plots into `out_dir`; returns the summary.
 
     `threads`: torch threads while the demo runs (restored after; None: leave as is).
     One is fastest for these tiny models, and much faster on a busy machine, where a
@@ -216,7 +263,7 @@ def run_demo(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run_demo(out_dir, quick, mismatch, methods, seed, cache_dir, settings, console)
+        return _run_demo(out_dir, quick, cells, methods, seed, cache_dir, settings, console)
     finally:
         torch.set_num_threads(previous)
 
@@ -224,7 +271,7 @@ def run_demo(
 def _run_demo(
     out_dir: Path,
     quick: bool,
-    mismatch: str,
+    cells: tuple[str, ...],
     methods: tuple[str, ...],
     seed: int,
     cache_dir: Path | None,
@@ -237,33 +284,40 @@ def _run_demo(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"--out {str(out_dir)!r} is not empty; choose a new folder")
     started = time.perf_counter()
-    teacher, student, divergence = prepare_pair(mismatch, cache_dir, console)
-    console.print(f"teacher: {teacher}\nstudent: {student}")
-    console.print(
-        f"mismatch {mismatch}: student samples have K1 reverse KL "
-        f"{divergence['reverse_kl_k1']:.2f} nats/token, outlier fraction "
-        f"{divergence['outlier_fraction']:.2f}, teacher prob < 1e-3 on "
-        f"{divergence['near_zero_fraction']:.0%} of tokens"
+    summary: dict[str, Any] = {"cells": {}}
+    written = "plots/, "
+    for cell in cells:
+        teacher, student, divergence = prepare_pair(cell, cache_dir, console)
+        console.print(
+            f"[bold]{cell}[/] mismatch: student samples have K1 reverse KL "
+            f"{divergence['reverse_kl_k1']:.2f} nats/token, outlier fraction "
+            f"{divergence['outlier_fraction']:.2f}, teacher prob < 1e-3 on "
+            f"{divergence['near_zero_fraction']:.0%} of tokens"
+        )
+        runs = out_dir / cell
+        results = run_methods(
+            list(methods), teacher, student, settings, runs, seed, console=console, cell=cell
+        )
+        summary["cells"][cell] = {
+            "teacher": str(teacher),
+            "student": str(student),
+            "divergence_at_start": divergence,
+            "teacher_accuracy": teacher_accuracy(teacher, cell, settings, seed),
+            "results": results,
+        }
+        title = f"chain task, {cell} mismatch, {settings.steps} steps, seed {seed}"
+        try:
+            plot_runs([runs / m for m in methods], out_dir / "plots" / cell, list(methods), title)
+        except ValueError as err:  # matplotlib missing: the runs and the table still stand
+            console.print(f"[yellow]no plots:[/] {err}")
+            written = ""
+    title = f"chain task, {settings.steps} steps, seed {seed}"
+    console.print(results_table(summary["cells"], title))
+    summary.update(
+        settings=dataclasses.asdict(settings),
+        seed=seed,
+        seconds=time.perf_counter() - started,
     )
-    results = run_methods(list(methods), teacher, student, settings, out_dir, seed, console=console)
-    title = f"chain task, {mismatch} mismatch, {settings.steps} steps, seed {seed}"
-    console.print(results_table(results, title))
-    try:
-        plot_runs([out_dir / m for m in methods], out_dir / "plots", list(methods), title)
-        written = "plots/, "
-    except ValueError as err:  # matplotlib missing: the runs and the table still stand
-        console.print(f"[yellow]no plots:[/] {err}")
-        written = ""
-    summary = {
-        "mismatch": mismatch,
-        "teacher": str(teacher),
-        "student": str(student),
-        "divergence_at_start": divergence,
-        "settings": dataclasses.asdict(settings),
-        "seed": seed,
-        "results": results,
-        "seconds": time.perf_counter() - started,
-    }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    console.print(f"[green]done:[/] {out_dir} (summary.json, {written}one run per method)")
+    console.print(f"[green]done:[/] {out_dir} (summary.json, {written}one run per cell and method)")
     return summary
