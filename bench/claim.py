@@ -27,13 +27,15 @@ items of the cell (one fixed set), greedy accuracy, the mean accuracy of `EVAL_S
 samples at temperature 1, the exact reverse KL to the teacher along those samples and,
 in `multi`, both per domain. A finished run is not run again, so an interrupted study
 resumes where it stopped. Writes bench/results/claim/: `results.json`, `report.md`,
-`accuracy.png`, and the runs under `runs/<part>/<cell>/<name>/seed<k>/` (metrics and the
-last step's samples; weights are deleted once evaluated).
+`accuracy.png`, and the runs under `runs/<part>/<cell>/<name>/seed<k>/` (`config.yaml`,
+`summary.json`, `metrics.jsonl.gz` and the last step's samples; weights are deleted once
+evaluated).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shlex
@@ -171,6 +173,9 @@ def run_one(spec, pairs: dict, out: Path) -> dict:
         ln for ln in samples.read_text().splitlines() if json.loads(ln)["step"] == SETTINGS.steps
     ]
     samples.write_text("".join(line + "\n" for line in last))
+    metrics = run_dir / "metrics.jsonl"  # kept compressed: hundreds of runs are committed
+    metrics.with_suffix(".jsonl.gz").write_bytes(gzip.compress(metrics.read_bytes()))
+    metrics.unlink()
     done.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
