@@ -48,15 +48,11 @@ from pathlib import Path
 
 import torch
 
-from tropd.demo import DemoSettings, cell_overrides, demo_config, prepare_pair
-from tropd.model_names import load_model, load_tokenizer
+from tropd.demo import DemoSettings, cell_overrides, cell_scores, demo_config, prepare_pair
+from tropd.model_names import load_model
 from tropd.objectives import list_objectives
 from tropd.plot import read_metrics
-from tropd.recipes.mismatch import cell_task
-from tropd.rollout import HFEngine
-from tropd.tasks.chat import encode_prompt
 from tropd.train import train
-from tropd.train.heldout import heldout_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "claim"
@@ -192,26 +188,15 @@ def heldout(model_dir: Path, teacher_dir: Path, cell: str) -> dict[str, float]:
     """The study's evaluation of one model on its cell's fixed held-out items."""
     if str(teacher_dir) not in _TEACHERS:
         _TEACHERS[str(teacher_dir)] = load_model(str(teacher_dir), "float32", "cpu").eval()
-    model = load_model(str(model_dir), "float32", "cpu").eval()
-    tokenizer = load_tokenizer(str(model_dir))
-    task = cell_task(cell)
-    items = task.items("eval", EVAL_ITEMS, EVAL_SEED)
-    prompts = [encode_prompt(tokenizer, item) for item in items]
-    engine = HFEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(EVAL_SEED)
-        scores = heldout_metrics(
-            model,
-            _TEACHERS[str(teacher_dir)],
-            engine,
-            tokenizer,
-            task,
-            items,
-            prompts,
-            SETTINGS.max_new_tokens,
-            0.0,
-            samples=EVAL_SAMPLES,
-        )
+    scores = cell_scores(
+        model_dir,
+        cell,
+        EVAL_ITEMS,
+        EVAL_SEED,
+        SETTINGS.max_new_tokens,
+        _TEACHERS[str(teacher_dir)],
+        EVAL_SAMPLES,
+    )
     return {k.removeprefix("eval/"): v for k, v in scores.items()}
 
 

@@ -158,25 +158,39 @@ def run_methods(
     return results
 
 
-def teacher_accuracy(teacher: Path, cell: str, settings: DemoSettings, seed: int) -> float:
-    """The teacher's greedy accuracy on the held-out prompts a run of `cell` evaluates on."""
-    model = load_model(str(teacher), "float32", "cpu").eval()
-    tokenizer = load_tokenizer(str(teacher))
-    items = chain_models.cell_task(cell).items("eval", settings.eval_prompts, seed)
-    engine = HFEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
+def cell_scores(
+    model_dir: Path,
+    cell: str,
+    num_items: int,
+    seed: int,
+    max_new_tokens: int,
+    teacher=None,
+    samples: int = 1,
+) -> dict[str, float]:
+    """`heldout_metrics` of the model saved in `model_dir` on `num_items` held-out items of
+    `cell` (drawn with `seed`): greedy accuracy, and with `samples` > 1 or a `teacher`
+    model, sampled accuracy and exact reverse KL (sampling seeded by `seed`; the caller's
+    torch RNG is left untouched)."""
+    model = load_model(str(model_dir), "float32", "cpu").eval()
+    tokenizer = load_tokenizer(str(model_dir))
+    task = chain_models.cell_task(cell)
+    items = task.items("eval", num_items, seed)
     prompts = [encode_prompt(tokenizer, item) for item in items]
-    scores = heldout_metrics(
-        model,
-        None,
-        engine,
-        tokenizer,
-        chain_models.cell_task(cell),
-        items,
-        prompts,
-        settings.max_new_tokens,
-        0.0,
-    )
-    return scores["eval/accuracy"]
+    engine = HFEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return heldout_metrics(
+            model,
+            teacher,
+            engine,
+            tokenizer,
+            task,
+            items,
+            prompts,
+            max_new_tokens,
+            0.0,
+            samples=samples,
+        )
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -301,7 +315,9 @@ def _run_demo(
             "teacher": str(teacher),
             "student": str(student),
             "divergence_at_start": divergence,
-            "teacher_accuracy": teacher_accuracy(teacher, cell, settings, seed),
+            "teacher_accuracy": cell_scores(
+                teacher, cell, settings.eval_prompts, seed, settings.max_new_tokens
+            )["eval/accuracy"],
             "results": results,
         }
         title = f"chain task, {cell} mismatch, {settings.steps} steps, seed {seed}"
