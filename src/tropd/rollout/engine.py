@@ -3,6 +3,7 @@ from a Hugging Face causal LM in this process (batched, KV cache, `decode`)."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -137,6 +138,10 @@ class _Stepper:
 
     def __init__(self, model, local: bool):
         self.model, self.cache = model, None
+        # transformers 5 names the KV cache `cache` (`past_key_values` is a deprecated
+        # alias there, with a warning per call); 4.x knows only `past_key_values`.
+        accepted = inspect.signature(model.forward).parameters
+        self.cache_name = "cache" if "cache" in accepted else "past_key_values"
         self.head = (
             model.get_output_embeddings() if local and chunked_head_supported(model) else None
         )
@@ -146,15 +151,15 @@ class _Stepper:
             "input_ids": inputs,
             "attention_mask": attention,
             "position_ids": positions,
-            "past_key_values": self.cache,
+            self.cache_name: self.cache,
             "use_cache": True,
         }
         if self.head is None:
             out = self.model(**step, logits_to_keep=1)
-            self.cache = out.past_key_values
+            self.cache = out[self.cache_name]
             return out.logits[:, -1].float()
         out = hidden_only(self.model, **step)
-        self.cache = out.past_key_values
+        self.cache = out[self.cache_name]
         return lm_head(out.hidden_states[-1][:, -1], self.head.weight, self.head.bias).float()
 
 
@@ -166,7 +171,9 @@ def sample_tokens(
     renormalised. Temperature 0 takes the argmax and records the untempered log-prob.
 
     Sampling inverts the CDF: `u ~ U(0, total)` against the running sum of
-    `exp(logits - max)`, found by binary search; a token of weight 0 is never drawn."""
+    `exp(logits - max)`, found by binary search; a token of weight 0 is never drawn. The
+    recorded log-prob is normalised with a log-sum-exp, exact to float32 rounding, not
+    with that running float32 sum (whose rounding grows with the vocabulary)."""
     if temperature == 0:
         token = logits.argmax(-1)
         return token, logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(-1)
@@ -183,7 +190,7 @@ def sample_tokens(
     # step up: a token of positive weight.
     draw = torch.minimum(draw, torch.nextafter(total, torch.zeros_like(total)))
     token = torch.searchsorted(cdf, draw, right=True)
-    logprob = logits.gather(-1, token) - peak - weights.sum(-1, keepdim=True).log()
+    logprob = logits.gather(-1, token) - logits.logsumexp(-1, keepdim=True)
     return token.squeeze(-1), logprob.squeeze(-1)
 
 
