@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -19,6 +19,8 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -28,7 +30,22 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf/NaN anywhere: an infinite lr or temperature only fails later, deep in a step.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """`run.steps: true` is not 1: a boolean is refused where no boolean is allowed."""
+        annotation = cls.model_fields[info.field_name].annotation
+        allowed = (annotation, *get_args(annotation))
+        if (
+            isinstance(value, bool)
+            and bool not in allowed
+            and any(t in (int, float) for t in allowed)
+        ):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
 
 
 class RunConfig(_Section):
