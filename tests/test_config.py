@@ -171,6 +171,13 @@ def test_malformed_override(override: str) -> None:
     assert "key=value" in message
 
 
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text("optim:\n  lr: 1.0e-4\n  lr: 1.0e-2\n")
+    message = config_error(path)
+    assert "duplicate key 'lr'" in message and "line 3" in message
+
+
 def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
     path = tmp_path / "list.yaml"
     path.write_text("- 1\n- 2\n")
