@@ -17,7 +17,7 @@ ANY_BELOW = None
 # or ANY_BELOW. The rooms of one row may not import each other.
 LAYERS: list[dict[str, set[str] | None]] = [
     {"tropd": set()},  # the package itself: its version
-    {"tropd.config": set()},
+    {"tropd.config": set(), "tropd.console": set()},
     {"tropd.batch": set(), "tropd.head": set()},
     {"tropd.objectives": {"tropd.batch", "tropd.head"}},
     {"tropd.models": set(), "tropd.compress": set(), "tropd.lora": set()},
@@ -25,7 +25,15 @@ LAYERS: list[dict[str, set[str] | None]] = [
     {"tropd.teacher": {"tropd.batch", "tropd.head", "tropd.rollout"}},
     {"tropd.tasks": set()},  # prompts and verifiers: no models, no teacher
     {"tropd.task_eval": {"tropd.rollout", "tropd.tasks"}},
-    {"tropd.recipes": {"tropd.models", "tropd.rollout", "tropd.tasks", "tropd.teacher"}},
+    {
+        "tropd.recipes": {
+            "tropd.console",
+            "tropd.models",
+            "tropd.rollout",
+            "tropd.tasks",
+            "tropd.teacher",
+        }
+    },
     {
         "tropd.model_names": {
             "tropd.config",

@@ -15,9 +15,9 @@ from typing import Protocol
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from tropd.console import StepProgress
 from tropd.models import tiny_llama_config
 from tropd.tasks import Item, SFTTask
 from tropd.tasks.chat import prompt_ids
@@ -225,14 +225,7 @@ def sft_build(
         torch.manual_seed(recipe.seed)
         model = AutoModelForCausalLM.from_config(config)
     started, started_cpu = time.perf_counter(), time.process_time()
-    with Progress(
-        TextColumn(f"[bold]{label}[/bold] SFT"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
-        bar = progress.add_task("sft", total=recipe.steps, loss=float("nan"))
+    with StepProgress(f"{label} SFT", recipe.steps, console=console) as progress:
         sft_train(
             model,
             tokenizer,
@@ -242,7 +235,7 @@ def sft_build(
             lr=recipe.lr,
             seed=recipe.seed,
             warmup_steps=recipe.warmup_steps,
-            on_step=lambda step, loss: progress.update(bar, completed=step, loss=loss),
+            on_step=lambda step, loss: progress.update(step, f"loss {loss:.4f}"),
         )
     train_seconds = time.perf_counter() - started
     train_cpu_seconds = time.process_time() - started_cpu

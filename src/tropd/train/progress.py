@@ -1,17 +1,11 @@
-"""A rich progress bar that shows the live metrics a user watches during a run."""
+"""The training progress: the live metrics a user watches during a run
+(`tropd.console.StepProgress`: a bar in a terminal, plain lines in a log)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.progress import Progress as RichProgress
+from tropd.console import StepProgress
 
 SHOWN = {
     "loss": "loss",
@@ -23,31 +17,15 @@ SHOWN = {
 }
 
 
-class Progress:
-    """Context manager; `update(step, record)` advances to `step` and shows its metrics.
-    Disabled, it does nothing (other ranks, tests, `run.progress=false`)."""
+class Progress(StepProgress):
+    """Context manager; `update(step, record)` advances to `step` and shows its metrics
+    (the latest value of each, evaluations included). Disabled, it does nothing (other
+    ranks, tests, `run.progress=false`)."""
 
     def __init__(self, total: int, enabled: bool = True, start: int = 0):
-        self.enabled, self.latest = enabled, {}
-        self.bar = RichProgress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.description}"),
-            disable=not enabled,
-        )
-        self.task = self.bar.add_task("", total=total, completed=start)
-
-    def __enter__(self) -> Progress:
-        self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
+        super().__init__("train", total, start, enabled)
+        self.latest: dict[str, float] = {}
 
     def update(self, step: int, record: dict[str, Any]) -> None:
         self.latest.update({k: v for k, v in record.items() if k in SHOWN})
-        text = "  ".join(f"{SHOWN[k]} {v:.3g}" for k, v in self.latest.items())
-        self.bar.update(self.task, completed=step, description=text)
+        super().update(step, "  ".join(f"{SHOWN[k]} {v:.3g}" for k, v in self.latest.items()))
