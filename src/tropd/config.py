@@ -180,7 +180,7 @@ class TeacherConfig(_Section):
 class ObjectiveConfig(_Section):
     name: str = Field("tropd", description="a method from `tropd objectives`")
     options: dict[str, Any] = Field(
-        default_factory=dict, description="method options, e.g. {beta: 0.001, outlier: fkl}"
+        default_factory=dict, description="method options, e.g. {beta: 0.5, outlier: clip}"
     )
 
 
