@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config, 130 interru
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -138,9 +139,26 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     except distributed.RanksOutOfStep as err:
         console.print(f"[red]error:[/] {err}", highlight=False)
         return EXIT_FAIL
-    if rank == 0:
-        console.print(f"[green]done:[/] {run_dir}  (metrics.jsonl, samples.jsonl, final/)")
+    if rank != 0:
+        return EXIT_OK
+    skipped = _skipped_steps(run_dir)
+    if skipped and skipped >= config.run.steps:
+        console.print(
+            f"[red]error:[/] every step of {run_dir} was skipped (non-finite loss or "
+            "gradient), so the weights did not change; lower optim.lr or check the data",
+            highlight=False,
+        )
+        return EXIT_FAIL
+    if skipped:
+        console.print(f"[yellow]warning:[/] {skipped} of {config.run.steps} steps were skipped")
+    console.print(f"[green]done:[/] {run_dir}  (metrics.jsonl, samples.jsonl, final/)")
     return EXIT_OK
+
+
+def _skipped_steps(run_dir) -> int:
+    """Steps of the finished run skipped as non-finite (its last metrics record says)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return int(json.loads(lines[-1]).get("skipped_steps", 0)) if lines else 0
 
 
 def _eval(args: argparse.Namespace, console: Console) -> int:

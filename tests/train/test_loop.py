@@ -11,6 +11,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
+from tropd import cli
 from tropd.config import GUIDANCE_DEFAULTS, Config, ConfigError, load_config
 from tropd.rollout.blend import BlendEngine
 from tropd.train import loop
@@ -242,15 +243,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(sharp_pair, tmp_pat
         torch.testing.assert_close(final_b[name], tensor, rtol=0, atol=1e-6)
 
 
-def test_non_finite_loss_skips_the_step_without_touching_weights(sharp_pair, tmp_path, monkeypatch):
-    config = make_config(
-        sharp_pair,
-        tmp_path / "nan",
-        "run.steps=2",
-        "run.save_every=0",
-        "eval.every=0",
-        "objective.name=opd",
-    )
+def poison_objective(monkeypatch) -> dict:
+    """Make every loss of the next run non-finite; returns what the run started with
+    (`before`: the student's weights) and the student."""
     real_build = loop.build
     captured = {}
 
@@ -273,6 +268,19 @@ def test_non_finite_loss_skips_the_step_without_touching_weights(sharp_pair, tmp
         return setup
 
     monkeypatch.setattr(loop, "build", build_with_poisoned_objective)
+    return captured
+
+
+def test_non_finite_loss_skips_the_step_without_touching_weights(sharp_pair, tmp_path, monkeypatch):
+    config = make_config(
+        sharp_pair,
+        tmp_path / "nan",
+        "run.steps=2",
+        "run.save_every=0",
+        "eval.every=0",
+        "objective.name=opd",
+    )
+    captured = poison_objective(monkeypatch)
     loop.train(config)
     metrics = read_metrics(tmp_path / "nan")
     assert [m["skipped"] for m in metrics] == [True, True]
@@ -280,6 +288,18 @@ def test_non_finite_loss_skips_the_step_without_touching_weights(sharp_pair, tmp
     after = captured["student"].state_dict()
     for name, tensor in captured["before"].items():
         assert torch.equal(after[name], tensor), name
+
+
+def test_a_run_with_every_step_skipped_fails_with_one_line(
+    sharp_pair, tmp_path, monkeypatch, capsys
+):
+    config = make_config(sharp_pair, tmp_path / "nan", "run.steps=2", "eval.every=0")
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    poison_objective(monkeypatch)
+    assert cli.main(["train", str(path)]) == cli.EXIT_FAIL
+    message = capsys.readouterr().err
+    assert "every step" in message and "optim.lr" in message and "done" not in message
 
 
 @pytest.mark.slow
