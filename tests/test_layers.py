@@ -24,7 +24,7 @@ LAYERS: list[dict[str, set[str] | None]] = [
     {"tropd.rollout": {"tropd.batch", "tropd.head"}},
     {"tropd.teacher": {"tropd.batch", "tropd.head", "tropd.rollout"}},
     {"tropd.tasks": set()},  # prompts and verifiers: no models, no teacher
-    {"tropd.task_eval": {"tropd.rollout", "tropd.tasks"}},
+    {"tropd.task_eval": {"tropd.console", "tropd.rollout", "tropd.tasks"}},
     {
         "tropd.recipes": {
             "tropd.console",

@@ -25,15 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
+from tropd.console import StepProgress
 from tropd.rollout import HFEngine, SamplingParams
 from tropd.tasks import Item, Task
 from tropd.tasks.chat import encode_prompt
@@ -105,19 +98,10 @@ def evaluate_on_task(
         (out / "results.jsonl").write_text("")
     item_means, lengths, passes = [], [], {k: [] for k in s.ks}
     started = time.perf_counter()
-    bar = Progress(
-        TextColumn("[bold]eval"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.description}"),
-        disable=not progress,
-    )
     device = next(model.parameters()).device
+    bar = StepProgress("eval", len(items), enabled=progress)
     with bar, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(s.seed)
-        track = bar.add_task("", total=len(items))
         for begin in range(0, len(items), per_call):
             chunk = items[begin : begin + per_call]
             prompts = [encode_prompt(tokenizer, item, s.system_prompt) for item in chunk]
@@ -144,7 +128,7 @@ def evaluate_on_task(
                     with open(out / "results.jsonl", "a") as handle:
                         handle.write(json.dumps(record) + "\n")
             mean = statistics.fmean(item_means)
-            bar.update(track, advance=len(chunk), description=f"mean {mean:.3f}")
+            bar.update(begin + len(chunk), f"mean {mean:.3f}")
     mean, low, high = mean_with_ci(item_means)
     low, high = max(0.0, low), min(1.0, high)  # scores lie in [0, 1]
     summary: dict[str, Any] = {
