@@ -30,3 +30,11 @@ def tiny_pair(tmp_path_factory) -> tuple[str, str]:
     teacher = save_tiny_model(root / "teacher", 32, 2, seed=1, alphabet=alphabet)
     student = save_tiny_model(root / "student", 16, 1, seed=2, alphabet=alphabet)
     return teacher, student
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    """The message of a user-facing error, checked to be one line with no traceback."""
+    message = str(error.value)
+    assert "\n" not in message, f"not one line: {message!r}"
+    assert "Traceback" not in message
+    return message

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import save_tiny_model
+from conftest import one_line, save_tiny_model
 
 import tropd
 from tropd.cli import main
@@ -120,10 +120,7 @@ def test_empty_yaml_file_is_the_defaults(tmp_path: Path) -> None:
 def config_error(path=None, overrides=()) -> str:
     with pytest.raises(ConfigError) as info:
         load_config(path, list(overrides))
-    message = str(info.value)
-    assert "\n" not in message, f"not one line: {message!r}"
-    assert "Traceback" not in message
-    return message
+    return one_line(info)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import one_line
 from transformers import AutoModelForCausalLM
 
 from tropd import cli
@@ -57,10 +58,7 @@ def objective_error(path=None, overrides=()) -> str:
     config = load_config(path, list(overrides))
     with pytest.raises(ConfigError) as info:
         loop.objective_from_config(config)
-    message = str(info.value)
-    assert "\n" not in message, f"not one line: {message!r}"
-    assert "Traceback" not in message
-    return message
+    return one_line(info)
 
 
 @pytest.mark.parametrize(

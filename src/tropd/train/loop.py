@@ -58,6 +58,7 @@ class Setup:
     chunked_head: bool = False  # training forwards use `HeadLogits` (see `student_logits`)
     sampler: str = "hf"  # what samples the student, for the whole run: hf | vllm | blend
     vllm: Any = None  # sampler vllm: the engine, with its own copy of the weights
+    guidance: dict[str, Any] | None = None  # `guidance_settings`, resolved once per run
 
 
 def train(config: Config, resume: bool = False, rank: int = 0, world_size: int = 1) -> Path:
@@ -135,7 +136,11 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     setup.optimizer.zero_grad(set_to_none=True)
     # Token means are global: divide by the count over all ranks (see train/distributed.py).
     denominator = distributed.all_reduce_sum(setup.objective.denominator(batch))
-    prefix_denominator = distributed.all_reduce_sum(setup.objective.prefix_denominator(batch))
+    prefix_denominator = (  # a second count only when the prefix loss is its own mean
+        distributed.all_reduce_sum(setup.objective.prefix_denominator(batch))
+        if setup.objective.separate_prefix
+        else None
+    )
     gate = torch.Generator().manual_seed(config.run.seed * 1_000_003 + step * world_size + rank)
     forward = setup.student_ddp if setup.student_ddp is not None else student
     size = config.optim.micro_batch_size
@@ -212,7 +217,7 @@ def rollout(
     r, g = config.rollout, config.guidance
     pad = setup.tokenizer.pad_token_id
     guided = g.enabled if g.enabled is not None else setup.objective.wants_guidance
-    setting = guidance_settings(config, setup.objective)
+    setting = setup.guidance
     cap = 0.0
     relative = g.cap_unit == "fraction"
     if guided:
@@ -457,6 +462,7 @@ def build(config: Config, run_dir: Path) -> Setup:
         sampler=sampler,
         vllm=vllm,
         chunked_head=chunked,
+        guidance=guidance_settings(config, objective),
     )
 
 
