@@ -60,13 +60,33 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("model", help="any model name tropd loads (HF id, dir, builtin:...)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused: see below
     serve.add_argument(
-        "--token", default=None, help="required bearer token (default: $TROPD_TEACHER_TOKEN)"
+        "--token-file", default=None, help="file holding the bearer token (or $TROPD_TEACHER_TOKEN)"
     )
     serve.add_argument("--dtype", default="auto")
     serve.add_argument("--device", default="auto")
-    serve.add_argument("--max-top-k", type=int, default=1024, help="largest top_k served")
+    serve.add_argument("--max-top-k", type=_positive, default=1024, help="largest top_k served")
     serve.add_argument("--max-body-mb", type=float, default=64, help="largest request body")
+    serve.add_argument(
+        "--chunk-tokens",
+        type=_positive,
+        default=1 << 15,
+        help="padded tokens in one forward pass (rows x longest row), taken from the waiting "
+        "requests in turn; also the longest sequence served (default 32768)",
+    )
+    serve.add_argument(
+        "--max-request-tokens",
+        type=_positive,
+        default=1 << 18,
+        help="tokens in one request, prompts plus new tokens (default 262144)",
+    )
+    serve.add_argument(
+        "--max-new-tokens", type=_positive, default=4096, help="new tokens per generated prompt"
+    )
+    serve.add_argument(
+        "--max-answer-mb", type=float, default=512, help="largest scoring answer (top-k and all)"
+    )
 
     demo = commands.add_parser(
         "demo", help="the paper's experiment at CPU scale: OPD vs TrOPD, control and mismatch"
@@ -212,11 +232,16 @@ def _prune(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def _serve_teacher(args: argparse.Namespace, console: Console) -> int:
-    from dataclasses import replace
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
 
+
+def _serve_teacher(args: argparse.Namespace, console: Console) -> int:
     from tropd.model_names import load_model, load_tokenizer
-    from tropd.teacher.remote import TOKEN_ENV
+    from tropd.teacher.remote import TOKEN_ENV, read_token_file
 
     try:
         from tropd.teacher.server import Limits, check_binding, serve
@@ -225,10 +250,24 @@ def _serve_teacher(args: argparse.Namespace, console: Console) -> int:
             "serve-teacher needs the serve extra: pip install 'tropd[serve]'"
         ) from None
 
-    token = args.token or os.environ.get(TOKEN_ENV) or None
+    if args.token is not None:
+        raise ValueError(
+            "serve-teacher: --token would show the token to every user in the process list; "
+            f"set ${TOKEN_ENV} or pass --token-file PATH"
+        )
+    token = read_token_file(args.token_file, "--token-file") if args.token_file else None
+    token = token or os.environ.get(TOKEN_ENV) or None
     check_binding(args.host, token)
-    limits = replace(
-        Limits(), max_top_k=args.max_top_k, max_body_bytes=int(args.max_body_mb * 2**20)
+    for flag in ("max_body_mb", "max_answer_mb"):
+        if not 0 < getattr(args, flag) < float("inf"):  # NaN too
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive, finite number of MB")
+    limits = Limits(
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_request_tokens=args.max_request_tokens,
+        chunk_tokens=args.chunk_tokens,
+        max_new_tokens=args.max_new_tokens,
+        max_answer_bytes=int(args.max_answer_mb * 2**20),
+        max_top_k=args.max_top_k,
     )
     console.print(f"serving {args.model} on http://{args.host}:{args.port} (Ctrl-C stops)")
     model = load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)

@@ -171,6 +171,9 @@ class TeacherConfig(_Section):
     token: SecretStr | None = Field(
         None, description="bearer token for teacher.url (default: $TROPD_TEACHER_TOKEN)"
     )
+    token_file: str | None = Field(
+        None, description="file holding the bearer token (used when teacher.token is null)"
+    )
     timeout_s: float = Field(300.0, gt=0, description="seconds one teacher request may take")
     retries: int = Field(
         5, ge=0, description="retries of a failed teacher request (backoff 1 s, 2 s, 4 s, ...)"

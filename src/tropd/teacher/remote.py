@@ -24,6 +24,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,11 +48,39 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(vocab.encode()).hexdigest()[:16]
 
 
+def answer_bytes(top_k: int, entropy: bool) -> int:
+    """Bytes of a `/v1/score` answer per scored position: the log-prob, the top-k ids
+    (int32) and log-probs, the entropy."""
+    return 4 + 8 * top_k + 4 * entropy
+
+
+def read_token_file(path: str, what: str) -> str:
+    """The bearer token in the file at `path` (surrounding whitespace removed); `what`
+    names the setting in the one-line error for a missing, unreadable or empty file."""
+    try:
+        token = Path(path).expanduser().read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path}: cannot read the token ({err})") from None
+    if not token:
+        raise ValueError(f"{what} {path}: the file is empty; write the token into it")
+    return token
+
+
+def client_token(settings) -> str | None:
+    """The bearer token for `teacher.url`: `teacher.token`, else the file
+    `teacher.token_file`, else `$TROPD_TEACHER_TOKEN` (None: no token)."""
+    if settings.token:
+        return settings.token.get_secret_value()
+    if settings.token_file:
+        return read_token_file(settings.token_file, "teacher.token_file")
+    return os.environ.get(TOKEN_ENV) or None
+
+
 def connect_teacher(settings, model_name: str, tokenizer) -> TropdTeacher | OpenAITeacher:
     """The client `settings` (the `teacher` config section) describe, checked against the
     student's tokenizer and `settings.top_k`. `model_name` names the served model for the
     OpenAI API."""
-    token = settings.token.get_secret_value() if settings.token else os.environ.get(TOKEN_ENV)
+    token = client_token(settings)
     common = {"token": token, "timeout_s": settings.timeout_s, "retries": settings.retries}
     if settings.api == "openai":
         client = OpenAITeacher(settings.url, model_name, **common)
@@ -85,8 +114,9 @@ class RemoteTeacher:
                 detail = _detail(err)
                 if err.code == 401:
                     raise TeacherServerError(
-                        f"{where}: the server refused the token (HTTP 401); set teacher.token "
-                        f"or ${TOKEN_ENV} to the server's token"
+                        f"{where}: the server refused the token (HTTP 401); set "
+                        f"${TOKEN_ENV} (or teacher.token_file, teacher.token) to the server's "
+                        "token"
                     ) from None
                 if err.code not in RETRIED_STATUS or attempt == self.retries:
                     raise TeacherServerError(f"{where}: HTTP {err.code}: {detail}") from None
@@ -174,16 +204,15 @@ class TropdTeacher(RemoteTeacher):
         the server computes and sends the top-k only for `top_k > 0` and the entropy only
         when `entropy`."""
         rows, starts = _response_spans(batch)
-        budget = self.info()["max_request_tokens"]
+        info = self.info()
+        budget = info["max_request_tokens"]
+        if "max_answer_bytes" in info:  # the answer's bytes per token bound the tokens too
+            budget = min(budget, info["max_answer_bytes"] // answer_bytes(top_k, entropy))
         asked = {"top_k": top_k, "entropy": entropy}
-        parts, begin = [], 0
-        while begin < len(rows):
-            end, size = begin, 0
-            while end < len(rows) and (end == begin or size + len(rows[end]) <= budget):
-                size, end = size + len(rows[end]), end + 1
-            payload = {"sequences": rows[begin:end], "response_start": starts[begin:end]}
+        parts = []
+        for part in _requests([len(row) for row in rows], budget):
+            payload = {"sequences": rows[part], "response_start": starts[part]}
             parts.append(load_tensors(self.call("/v1/score", {**payload, **asked})))
-            begin = end
         values = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
         return _scatter(
             batch,
@@ -202,17 +231,42 @@ class TropdTeacher(RemoteTeacher):
         if not prompts:
             return []
         per_row = per_prompt(params, len(prompts))
-        answer = self.call_json(
-            "/v1/generate",
-            {
-                "prompts": prompts,
-                "max_new_tokens": [p.max_new_tokens for p in per_row],
-                "temperature": per_row[0].temperature,
-                "top_p": per_row[0].top_p,
-                "seed": int(torch.randint(2**31, ())),
-            },
-        )
-        return [Generation(g["tokens"], g["logprobs"], g["finished"]) for g in answer]
+        info = self.info()
+        asked = max(p.max_new_tokens for p in per_row)
+        if asked > info.get("max_new_tokens", asked):
+            raise TeacherServerError(
+                f"teacher.url: the server generates at most {info['max_new_tokens']} new "
+                f"tokens per prompt, the run asks for {asked}; restart it with "
+                f"--max-new-tokens {asked}"
+            )
+        costs = [len(prompt) + p.max_new_tokens for prompt, p in zip(prompts, per_row, strict=True)]
+        generations = []
+        for part in _requests(costs, info["max_request_tokens"]):
+            answer = self.call_json(
+                "/v1/generate",
+                {
+                    "prompts": prompts[part],
+                    "max_new_tokens": [p.max_new_tokens for p in per_row[part]],
+                    "temperature": per_row[0].temperature,
+                    "top_p": per_row[0].top_p,
+                    "seed": int(torch.randint(2**31, ())),
+                },
+            )
+            generations += [Generation(g["tokens"], g["logprobs"], g["finished"]) for g in answer]
+        return generations
+
+
+def _requests(costs: list[int], budget: int) -> list[slice]:
+    """Consecutive rows grouped into requests of at most `budget` tokens (`costs` per
+    row; a row over the budget goes alone, for the server to refuse with its reason)."""
+    parts, begin = [], 0
+    while begin < len(costs):
+        end, size = begin, 0
+        while end < len(costs) and (end == begin or size + costs[end] <= budget):
+            size, end = size + costs[end], end + 1
+        parts.append(slice(begin, end))
+        begin = end
+    return parts
 
 
 class OpenAITeacher(RemoteTeacher):
