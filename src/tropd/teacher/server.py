@@ -16,11 +16,13 @@ Endpoints (JSON requests; a bearer token when the server has one):
 Fairness: every request is cut into chunks of whole rows, each at most `chunk_tokens`
 padded tokens (rows x longest row; for generation, prompt plus new tokens), and one
 worker runs one chunk per forward pass (or per `decode` of a generation chunk), taking
-the pending requests in turn (round robin). A request waits for the pass in progress and
-at most one pass per request ahead of it, never for the whole of a large request, and the
-model's memory is bounded by one chunk. Scoring chunks of several requests that fit
-together in `chunk_tokens` share one forward pass. Every row is scored in some chunk with
-the same code as unchunked; only the float32 rounding of the batched matmuls can differ.
+the pending requests in turn (round robin), a new request ahead of those already started.
+So a request's first chunk waits for the pass in progress and the first chunks of the new
+requests ahead of it, never for the whole of a large request; its next chunks, for one
+chunk of each request in line. The model's memory is bounded by one chunk. Scoring chunks
+of several requests that fit together in `chunk_tokens` share one forward pass. Every row
+is scored in some chunk by the same code as unchunked; only the float32 rounding of the
+batched matmuls can differ.
 
 Binds 127.0.0.1 unless told otherwise and refuses to listen elsewhere without a token.
 Bodies, sequence lengths, tokens per request, new tokens, top-k and answers are bounded;
@@ -105,6 +107,11 @@ class Pending:
         self.total = len(self.chunks)
 
     @property
+    def started(self) -> bool:
+        """Whether some of its chunks have been taken."""
+        return len(self.chunks) < self.total
+
+    @property
     def generating(self) -> bool:
         return isinstance(self.request, GenerateRequest)
 
@@ -186,10 +193,9 @@ def create_app(model, tokenizer, name: str, token: str | None, limits: Limits):
         """Queue `job` in chunks and wait for its answer."""
         chunks = pack(costs, limits.chunk_tokens, by_length=isinstance(job, ScoreRequest))
         answer = asyncio.get_running_loop().create_future()
-        work = Pending(job, deque(enumerate(chunks)), answer, seed)
-        pending.append(work)
+        enqueue(pending, Pending(job, deque(enumerate(chunks)), answer, seed))
         wake.set()
-        return await work.answer
+        return await answer
 
     @app.get("/v1/info")
     async def info() -> dict:
@@ -268,6 +274,13 @@ def pack(costs: list[int], budget: int, by_length: bool) -> list[list[int]]:
             chunks.append([i])
             widest = costs[i]
     return chunks
+
+
+def enqueue(pending: deque[Pending], work: Pending) -> None:
+    """Put a new request in line ahead of those already started (behind other new ones):
+    every request's first chunk runs before any request's next chunk, so a request that
+    fits in one chunk waits for the pass in progress and the new requests ahead of it."""
+    pending.insert(next((i for i, w in enumerate(pending) if w.started), len(pending)), work)
 
 
 def next_pass(pending: deque[Pending], budget: int) -> list[tuple[Pending, int, list[int]]]:
