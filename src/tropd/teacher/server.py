@@ -58,9 +58,11 @@ MAX_SEED = 2**63  # seeds are in [0, 2**63), what torch.manual_seed takes on eve
 
 @dataclass(frozen=True)
 class Limits:
+    """What one request may ask of the server (the `serve-teacher` options)."""
+
     max_body_bytes: int = 64 * 2**20
-    # The longest row; also at most chunk_tokens and the model's positions.
-    max_sequence_length: int = 32768
+    # The longest row; None: chunk_tokens. Never more than the model's positions.
+    max_sequence_length: int | None = None
     # Tokens in one request, all rows together (for generation: prompts plus new tokens).
     max_request_tokens: int = 1 << 18
     chunk_tokens: int = 1 << 15  # padded tokens in one forward pass: rows x longest row
@@ -118,7 +120,7 @@ class Pending:
 
 def serving_limits(limits: Limits, model) -> Limits:
     """`limits` with the longest row cut to one chunk and to the model's positions."""
-    longest = min(limits.max_sequence_length, limits.chunk_tokens)
+    longest = min(limits.max_sequence_length or limits.chunk_tokens, limits.chunk_tokens)
     if positions := getattr(model.config, "max_position_embeddings", None):
         longest = min(longest, positions)
     return replace(limits, max_sequence_length=longest)
@@ -177,7 +179,7 @@ def create_app(model, tokenizer, name: str, token: str | None, limits: Limits):
             raise HTTPException(
                 413,
                 f"{total} tokens{' with the new tokens' if any(extra) else ''}; the limit per "
-                f"request is {limits.max_request_tokens}: send fewer or shorter {what}",
+                f"request is {limits.max_request_tokens}: send fewer or shorter {what}s",
             )
         for i, (row, n) in enumerate(zip(rows, extra, strict=True)):
             if len(row) + n > limits.max_sequence_length:
@@ -317,8 +319,8 @@ async def _worker(pending: deque[Pending], wake: asyncio.Event, model, tokenizer
     """Run the pending requests' chunks, one pass at a time, in turn; answer each request
     when its last chunk is done; keep serving when a pass fails."""
     while True:
-        while pending and pending[0].answer.done():  # its handler is gone (client left)
-            pending.popleft()
+        for gone in [work for work in pending if work.answer.done()]:  # handler cancelled
+            pending.remove(gone)
         if not pending:
             wake.clear()
             await wake.wait()
