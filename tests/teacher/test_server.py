@@ -648,7 +648,7 @@ def test_small_requests_do_not_wait_behind_a_large_one(tiny_pair, tmp_path):
     times, a quarter of a large request. Every small request sent in the first part of a
     large one is answered before it."""
     (tmp_path / "token").write_text(TOKEN + "\n")
-    port, url = free_port(), ""
+    port = free_port()
     proc = start_server(
         tiny_pair[0],
         port,
@@ -661,7 +661,6 @@ def test_small_requests_do_not_wait_behind_a_large_one(tiny_pair, tmp_path):
     url = f"http://127.0.0.1:{port}/v1/score"
     try:
         wait_until_up(url.removesuffix("/v1/score"), proc)
-        rows, _ = random_rows(512, 3, 0)
         generator = torch.Generator().manual_seed(1)
         rows = torch.randint(0, 16, (512, 256), generator=generator).tolist()
 
