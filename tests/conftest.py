@@ -10,7 +10,14 @@ from transformers import LlamaForCausalLM
 
 from tropd.models import tiny_llama_config
 from tropd.tasks import get_task
+from tropd.tasks.sandbox import bwrap_problem
 from tropd.tasks.tokenizer import build_char_tokenizer
+
+
+# Tests that run generated code; .ci/run installs bubblewrap so that CI runs them.
+needs_bwrap = pytest.mark.skipif(
+    bwrap_problem() is not None, reason=f"no code sandbox: {bwrap_problem()}"
+)
 
 
 def save_tiny_model(path: Path, hidden: int, layers: int, seed: int, alphabet: str) -> str:

