@@ -13,7 +13,6 @@ from tropd.tasks import get_task
 from tropd.tasks.sandbox import bwrap_problem
 from tropd.tasks.tokenizer import build_char_tokenizer
 
-
 # Tests that run generated code; .ci/run installs bubblewrap so that CI runs them.
 needs_bwrap = pytest.mark.skipif(
     bwrap_problem() is not None, reason=f"no code sandbox: {bwrap_problem()}"
