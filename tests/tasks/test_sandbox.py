@@ -6,8 +6,11 @@ host side then checks that nothing happened (files, signals, connections, secret
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import time
 import uuid
@@ -19,11 +22,13 @@ from conftest import needs_bwrap, one_line
 
 from tropd.tasks import Item, sandbox
 from tropd.tasks.sandbox import Limits, run_program
+from tropd.tasks.sources import SourceTask
 from tropd.tasks.verifiers import code_score
 
 LIMITS = Limits(timeout_s=3.0, memory_mb=512, file_size_mb=2, scratch_mb=4, processes=8)
 REPO = Path(__file__).parents[2]
 SECRET_NAME = "TROPD_SANDBOX_TEST_SECRET"
+ITEM = Item("write add", "", tests="assert add(2, 3) == 5", meta={"entry_point": "add"})
 
 # Tries `fn`, printing a refusal instead of failing: the program goes on to its next try.
 PRELUDE = """\
@@ -300,11 +305,10 @@ def test_hostile_programs_are_contained(case, host):
 @needs_bwrap
 @pytest.mark.parametrize("case", ["marker_from_argv_env_files_fds", "exit_early_os_exit"])
 def test_a_program_cannot_forge_a_pass_on_failing_tests(case, host):
-    item = Item("write add", "", tests="assert add(2, 3) == 5", meta={"entry_point": "add"})
     wrong = "def add(a, b):\n    return 0\n" + PRELUDE + HOSTILE[case].format(**vars(host))
     right = "def add(a, b):\n    return a + b\n"
-    assert code_score(f"```python\n{wrong}```", item, LIMITS) == 0.0
-    assert code_score(f"```python\n{right}```", item, LIMITS) == 1.0
+    assert code_score(f"```python\n{wrong}```", ITEM, LIMITS) == 0.0
+    assert code_score(f"```python\n{right}```", ITEM, LIMITS) == 1.0
 
 
 @needs_bwrap
@@ -334,6 +338,8 @@ def test_without_bwrap_generated_code_is_refused_unless_opted_in(monkeypatch):
         run_program("print(1)", LIMITS)
     message = one_line(error)
     assert "apt-get install bubblewrap" in message and sandbox.ALLOW_UNSANDBOXED in message
+    with pytest.raises(ValueError, match="needs a sandbox"):  # a code task, before any model
+        SourceTask("code", [ITEM], [], verifier="code")
     monkeypatch.setenv(sandbox.ALLOW_UNSANDBOXED, "1")
     assert run_program("print(1)", LIMITS).status == "passed"
 
@@ -362,3 +368,40 @@ def test_the_opted_in_unsandboxed_runner_keeps_its_verdict_and_cleans_up(
     assert result.status == status, result.output
     assert host.secret not in result.output
     assert sandbox_leftovers() <= before
+
+
+UNPRIVILEGED = """
+import sys, types
+module = types.ModuleType("sandbox")
+sys.modules["sandbox"] = module
+exec(compile(sys.stdin.read(), "sandbox.py", "exec"), module.__dict__)
+limits = module.Limits(timeout_s=3, memory_mb=512, scratch_mb=4, processes=8)
+for program in sys.argv[1:]:
+    print(module.run_program(program, limits))
+"""
+
+
+@needs_bwrap
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not (os.path.exists("/usr/bin/python3") and shutil.which("setpriv")),
+    reason="needs root, setpriv and /usr/bin/python3 to act as an unprivileged user",
+)
+def test_an_unprivileged_user_gets_the_same_sandbox(monkeypatch):
+    """As a user other than root, bwrap makes a user namespace and the process limit counts
+    the sandbox's processes only."""
+    fork = "import os, time\nwhile os.fork():\n    pass\ntime.sleep(30)"
+    environ = "assert b'SECRET' not in open('/proc/1/environ', 'rb').read()"
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3"]
+    done = subprocess.run(
+        [*argv, "-c", UNPRIVILEGED, fork, environ, "import os\nos._exit(0)"],
+        input=Path(sandbox.__file__).read_text(),
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin", f"{SECRET_NAME}": "SECRET"},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    statuses = re.findall(r"status='(\w+)'", done.stdout)
+    assert statuses == ["error", "passed", "exited"], done.stdout
+    assert "Resource temporarily unavailable" in done.stdout

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tropd.tasks.sandbox import check_sandbox
 from tropd.tasks.task import Item
 from tropd.tasks.verifiers import Limits, code_score, get_verifier
 
@@ -301,6 +302,8 @@ class SourceTask:
         self.pools = {"train": train, "eval": eval_items}
         self.verifier_name = verifier
         self.verifier = get_verifier(verifier) if verifier != "none" else None
+        if verifier == "code":
+            check_sandbox()  # refuse now, before any model loads, when there is no sandbox
         self.shuffle = shuffle
         self.skipped_rows = skipped_rows or []
         self.limits = limits
