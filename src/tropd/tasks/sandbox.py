@@ -5,8 +5,9 @@ bubblewrap (`bwrap`, the sandbox Flatpak uses; Debian/Ubuntu package `bubblewrap
 
 - its own namespaces: no network (an empty network namespace), its own PID namespace (it
   cannot see or signal the trainer; its `/proc` shows only its own processes), IPC, UTS,
-  cgroup and (as a non-root user) user namespace; all capabilities dropped, a new session
-  (no terminal injection) and `--die-with-parent`;
+  cgroup and (as a non-root user) user namespace; all capabilities dropped (as root the
+  harness keeps setuid/setgid until it switches to the program's uid), a new session (no
+  terminal injection) and `--die-with-parent`;
 - a filesystem of read-only binds of `/usr`, `/lib*`, `/bin`, `/sbin`, two files of `/etc`
   and the interpreter's own prefixes (venv and base installation), nothing else of the
   host (no home directory, no repository, no host `/tmp`); `/` and `/dev` read-only;
@@ -35,8 +36,9 @@ process (address space) and processes are capped in number, not in sum.
 
 Without a working bwrap, generated code is refused unless `TROPD_ALLOW_UNSANDBOXED_CODE=1`
 is set; then it runs as a plain subprocess with the same harness and rlimits (no process
-limit, no scratch cap) in a host scratch directory deleted afterwards, which protects the
-trainer from runaway programs only.
+limit, no scratch cap) in a host scratch directory deleted afterwards (folders made
+unreadable included; as root, a file made immutable stays, with a warning), which protects
+the trainer from runaway programs only.
 """
 
 from __future__ import annotations
