@@ -1,7 +1,9 @@
 """Command line: `tropd train`, `tropd eval`, `tropd prune`, `tropd demo`, `tropd plot`,
 `tropd objectives`, `tropd config`, `tropd --version`.
 
-Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config, 130 interrupted.
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config, 75 (EX_TEMPFAIL)
+`tropd train` stopped by SIGTERM or SIGINT after the step in progress and its checkpoint
+(`--resume` continues), 130 interrupted at once (a second Ctrl-C; the last checkpoint holds).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from transformers.utils import logging as hf_logging
 
 import tropd
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +144,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     from tropd.config import load_config
     from tropd.train import distributed, train
     from tropd.train.loop import objective_from_config
+    from tropd.train.shutdown import RunStopped
 
     config = load_config(args.config, args.overrides)
     objective_from_config(config)  # a bad objective stops here, before any process starts
@@ -152,13 +155,19 @@ def _train(args: argparse.Namespace, console: Console) -> int:
             raise ValueError("--nproc starts torchrun itself; leave it out under torchrun")
         distributed.check_world_size(config, args.nproc)
         resume = ["--resume"] if args.resume else []
-        return distributed.launch(args.nproc, ["train", args.config, *args.overrides, *resume])
+        tropd_args = ["train", args.config, *args.overrides, *resume]
+        code = distributed.launch(args.nproc, tropd_args, config.distributed.timeout_s)
+        return EXIT_STOPPED if code is None else code  # None: the ranks got the signal
     try:
         with distributed.process_group(config) as (rank, world_size):
             run_dir = train(config, resume=args.resume, rank=rank, world_size=world_size)
     except distributed.RanksOutOfStep as err:
         console.print(f"[red]error:[/] {err}", highlight=False)
         return EXIT_FAIL
+    except RunStopped as err:
+        if rank == 0:  # all ranks stopped after the same step; one line says so
+            console.print(f"[yellow]{err}[/]", highlight=False, soft_wrap=True)
+        return EXIT_STOPPED
     if rank != 0:
         return EXIT_OK
     skipped = _skipped_steps(run_dir)

@@ -10,7 +10,7 @@ turned into loaded models, tokenizers and vocabulary sizes.
 - `prune:<teacher>:<layers>`: a student that keeps some of a teacher's decoder layers
   (`tropd.compress`);
 - for `tropd eval` also a run directory (its `final/` model) or a checkpoint folder
-  `RUN/checkpoints/step_N` (`load_eval_model`).
+  `RUN/checkpoints/step_N`, written by one process or sharded by several (`load_eval_model`).
 
 The loading itself is `tropd.models`' (from a path, in a dtype, on a device).
 """
@@ -167,13 +167,14 @@ def load_eval_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Config | None]:
     """(model, tokenizer, run config or None) for any model name `tropd eval` accepts: a
     run directory (its `final/` model), a checkpoint folder `RUN/checkpoints/step_N`
-    (rebuilt from the run's config, LoRA included), or any name `load_model` takes."""
+    (rebuilt from the run's config, LoRA included; `load_checkpoint_weights`), or any name
+    `load_model` takes."""
     path = Path(name)
     if (path / "config.yaml").is_file() and (path / "final").is_dir():  # a run directory
         config = load_config(path / "config.yaml")
         final = str(path / "final")
         return load_model(final, dtype, device), load_tokenizer(final), config
-    if (path / "state.json").is_file() and (path / "model.safetensors").is_file():  # checkpoint
+    if (path / "state.json").is_file():  # a checkpoint
         run_dir = path.parent.parent
         if not (run_dir / "config.yaml").is_file():
             raise ValueError(f"checkpoint {name!r} is not inside a run directory with config.yaml")
@@ -182,10 +183,31 @@ def load_eval_model(
         if config.lora.enabled:
             lora = config.lora
             apply_lora(model, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
-        load_weights(model, str(path / "model.safetensors"), device=str(model.device))
+        load_checkpoint_weights(model, path)
         tokenizer = load_tokenizer(config.model.tokenizer or config.model.student)
         return model, tokenizer, config
     return load_model(name, dtype, device), load_tokenizer(name), None
+
+
+def load_checkpoint_weights(model: PreTrainedModel, path: Path) -> None:
+    """Load the student's weights of a training checkpoint into `model` (built as the run
+    built it): `model.safetensors` from a single-process run, or the `model` part of the
+    sharded checkpoint (torch.distributed.checkpoint) that several processes write,
+    gathered into this one process."""
+    if (path / "model.safetensors").is_file():
+        load_weights(model, str(path / "model.safetensors"), device=str(model.device))
+        return
+    if not (path / ".metadata").is_file():
+        raise ValueError(f"checkpoint {str(path)!r} holds no model weights (incomplete copy?)")
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    set_model_state_dict(model, state["model"])
 
 
 def prune_to_dir(

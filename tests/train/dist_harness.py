@@ -3,8 +3,10 @@
 Each prompt's rollouts are sampled on their own, seeded by (step, prompt), so a step's
 global batch is the same for any number of processes and the losses and weights of runs
 with different world sizes can be compared. Run under torchrun as
-`python -m torch.distributed.run ... dist_harness.py CONFIG [--resume] [--die-at STEP]`
-(`--die-at`: every rank SIGKILLs itself when that step starts).
+`python -m torch.distributed.run ... dist_harness.py CONFIG [--resume] [--die-at STEP]
+[--term-at STEP]` (`--die-at`: every rank SIGKILLs itself when that step starts;
+`--term-at`: rank 1 alone sends itself SIGTERM when that step starts, and a run stopped by
+it exits with `tropd train`'s code 75).
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import zlib
 
 import torch
 
 from tropd.batch import TokenBatch
+from tropd.cli import EXIT_STOPPED
 from tropd.config import load_config
 from tropd.train import distributed, loop
+from tropd.train.shutdown import RunStopped
 
 
 def concat(parts: list[TokenBatch], samples_per_prompt: int) -> TokenBatch:
@@ -53,6 +58,7 @@ def main() -> None:
     parser.add_argument("config")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--die-at", type=int, default=0)
+    parser.add_argument("--term-at", type=int, default=0)
     args = parser.parse_args()
     config = load_config(args.config)
     loop.rollout = per_prompt_rollout(loop.rollout)
@@ -61,11 +67,16 @@ def main() -> None:
     def train_step(setup, step, rank, world_size):
         if step == args.die_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if step == args.term_at and rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
         return real_step(setup, step, rank, world_size)
 
     loop.train_step = train_step
-    with distributed.process_group(config) as (rank, world_size):
-        loop.train(config, args.resume, rank, world_size)
+    try:
+        with distributed.process_group(config) as (rank, world_size):
+            loop.train(config, args.resume, rank, world_size)
+    except RunStopped:
+        sys.exit(EXIT_STOPPED)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,24 @@
 """Multi-process training on CPU (2 gloo ranks): equivalence with one process, sharded
-checkpoints that resume exactly, the rank timeout, and the settings checked up front.
+checkpoints that resume exactly (and that `tropd eval` reads), stopping on a signal, ranks
+that die with their launcher, the rank timeout, and the settings checked up front.
 
 Equivalence needs the same global batch whatever the world size, so these runs go through
 `dist_harness.py`, which samples each prompt's rollouts on their own (seeded by step and
 prompt). With that, one process and two ranks see the same tokens, and losses, gradient
-norms and weights agree up to float summation order. Tolerances: metrics 1e-4 relative
-(measured: loss 4e-6, grad_norm 6e-7), weights 5e-5 absolute (measured 4e-6, while
-training moves them by 0.04). A wrong gradient scale or token denominator changes the
-loss or gradient norm by a factor of 2.
+norms, weights and every metric agree up to float summation order. Tolerances: metrics
+1e-4 relative (measured: loss 4e-6, grad_norm 6e-7), weights 5e-5 absolute (measured 4e-6,
+while training moves them by 0.04). A wrong gradient scale or token denominator changes the
+loss or gradient norm by a factor of 2; per-rank means or counts change the token metrics
+by far more than 1e-4 (student_entropy 0.981 against 0.899 once).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -27,9 +31,13 @@ import yaml
 from dist_harness import per_prompt_rollout
 from transformers import AutoModelForCausalLM
 
+from tropd.cli import EXIT_STOPPED
 from tropd.cli import main as cli_main
 from tropd.config import ConfigError, load_config
+from tropd.model_names import load_eval_model
 from tropd.train import distributed, loop
+from tropd.train.checkpoint import list_checkpoints
+from tropd.train.shutdown import lock_run_dir
 
 HARNESS = Path(__file__).with_name("dist_harness.py")
 SETTINGS = (
@@ -46,16 +54,28 @@ SETTINGS = (
     "optim.micro_batch_size=4",
     "objective.options={trust_gate: soft}",
 )
-# Metrics that do not depend on how rows are grouped into micro-batches or ranks.
+# Every metric but the step and the timings: none depends on how rows are split into ranks and
+# micro-batches (token means are token-weighted, counts summed).
 GLOBAL_KEYS = (
     "loss",
     "grad_norm",
     "skipped",
+    "skipped_steps",
     "lr",
     "prefix_cap",
     "prefix_len_mean",
     "response_len",
     "off_policy_fraction",
+    "reward_mean",
+    "student_entropy",
+    "trust_fraction",
+    "outlier_fraction",
+    "trust_probability",
+    "fkl_outlier",
+    "floor_fraction",
+    "teacher_topk_mass",
+    "student_tokens",
+    "teacher_tokens",
     "eval/accuracy",
     "eval/reverse_kl",
     "eval/response_len",
@@ -149,6 +169,8 @@ def test_two_ranks_match_one_process(strategy, one_process, fsdp2_run, tiny_pair
             tmp_path, write_config(tiny_pair, run_dir, f"distributed.strategy={strategy}")
         )
         assert done.returncode == 0, done.stderr[-3000:]
+    logged = {k for k in read_metrics(run_dir)[1] if not k.startswith("time_")}
+    assert logged - {"step"} <= set(GLOBAL_KEYS)
     assert_same_run(one_process, run_dir, GLOBAL_KEYS, rel=1e-4, atol=5e-5)
     # Rank 0 alone writes the logs: one record per step, its own samples.
     assert [m["step"] for m in read_metrics(run_dir)] == [0, 1, 2, 3, 4]
@@ -182,6 +204,101 @@ def test_killed_two_rank_run_resumes_like_the_uninterrupted_run(fsdp2_run, tiny_
         patch.setattr(loop, "rollout", per_prompt_rollout(loop.rollout))
         loop.train(single_config, resume=True)
     assert_same_run(fsdp2_run, single, GLOBAL_KEYS, rel=1e-4, atol=5e-5)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_all_after_the_same_step(fsdp2_run, tiny_pair, tmp_path):
+    """Rank 1 alone gets SIGTERM in step 3: both ranks finish step 3, write its sharded
+    checkpoint and exit 75; resuming matches the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    config = write_config(tiny_pair, run_dir, "distributed.strategy=fsdp2")
+    stopped = harness(tmp_path, config, "--term-at", "3")
+    assert stopped.returncode != 0
+    assert [m["step"] for m in read_metrics(run_dir)] == [0, 1, 2, 3]
+    assert (list_checkpoints(run_dir)[-1] / ".metadata").is_file()
+    assert list_checkpoints(run_dir)[-1].name == "step_0000003"
+    assert re.search(rf"exitcode\s*:\s*{EXIT_STOPPED}\b", stopped.stderr), stopped.stderr[-3000:]
+
+    resumed = harness(tmp_path, config, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    keys = {k for k in read_metrics(fsdp2_run)[1] if not k.startswith("time_")}
+    assert_same_run(fsdp2_run, run_dir, keys, rel=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_eval_reads_a_sharded_checkpoint(fsdp2_run, capsys):
+    """The last checkpoint of a 2-rank FSDP2 run (DCP shards) loads into one process with the
+    weights the run exported, and `tropd eval` scores it."""
+    checkpoint = list_checkpoints(fsdp2_run)[-1]
+    assert not (checkpoint / "model.safetensors").exists()
+    model, _, config = load_eval_model(str(checkpoint), device="cpu")
+    assert config.task.name == "add"
+    loaded = model.state_dict()
+    for name, tensor in final_weights(fsdp2_run).items():
+        assert torch.equal(loaded[name], tensor), name
+    assert cli_main(["eval", str(checkpoint), "--num-items", "2", "--max-new-tokens", "4"]) == 0
+    assert '"mean"' in capsys.readouterr().out
+
+
+def start_nproc(tiny_pair, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """`tropd train --nproc 2` of a long run, returned once the ranks have logged a step."""
+    run_dir = tmp_path / "run"
+    config = write_config(tiny_pair, run_dir, "run.steps=1000", "run.save_every=0", "eval.every=0")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # read back once the launcher exits
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "tropd", "train", str(config), "--nproc", "2"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    deadline = time.monotonic() + 180
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text()) and launcher.poll() is None:
+        assert time.monotonic() < deadline, "no step logged in time"
+        time.sleep(0.1)
+    assert launcher.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+    return launcher, run_dir
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_nproc_launcher_stops_the_ranks_with_a_checkpoint(tiny_pair, tmp_path):
+    launcher, run_dir = start_nproc(tiny_pair, tmp_path)
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(timeout=120)
+    err = (tmp_path / "stderr.txt").read_text()
+    assert launcher.returncode == EXIT_STOPPED, err[-3000:]
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    last = read_metrics(run_dir)[-1]["step"]
+    assert f"SIGTERM: stopped after step {last} with checkpoint" in err
+    assert list_checkpoints(run_dir)[-1].name == f"step_{last:07d}"
+    lock_run_dir(run_dir).close()  # released
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_ranks_die_with_a_killed_launcher(tiny_pair, tmp_path):
+    launcher, run_dir = start_nproc(tiny_pair, tmp_path)
+    ranks = [
+        int(pid)
+        for task in Path(f"/proc/{launcher.pid}/task").iterdir()
+        for pid in (task / "children").read_text().split()
+    ]
+    assert len(ranks) == 2 and all(alive(pid) for pid in ranks)
+    launcher.kill()
+    launcher.wait()
+    tic = time.monotonic()
+    while any(alive(pid) for pid in ranks) and time.monotonic() - tic < 10:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in ranks), "a rank outlived its launcher by 10 s"
+    lock_run_dir(run_dir).close()  # a new job may take the run folder
 
 
 @pytest.mark.slow
@@ -256,6 +373,8 @@ def test_nproc_under_torchrun_is_a_usage_error(tmp_path, monkeypatch, capsys):
 def test_single_process_helpers_change_nothing():
     assert not distributed.is_distributed() and distributed.is_main_process()
     assert distributed.all_reduce_sum(3.5) == 3.5
-    assert distributed.mean_over_ranks({"a": 1.0}, 4) == {"a": 1.0}
+    assert distributed.sum_over_ranks({"a": 1.0}) == {"a": 1.0}
+    assert distributed.any_rank(True) and not distributed.any_rank(False)
+    assert distributed.broadcast_from_main("x") == "x"
     assert distributed.full_state_dict(torch.nn.Linear(2, 2)) is None
     assert distributed.parallelize(torch.nn.Linear(2, 2), load_config().distributed) is None

@@ -8,12 +8,13 @@ aligned with `batch.tokens` (see `tropd.batch.align_logits`), or, where
 `obj.chunked_head`, a `HeadLogits` holding hidden states and the LM head (the training
 loop's fast path: no `[B, T, V]` tensor), and returns an
 `ObjectiveOutput` with `.loss` (scalar), `.token_loss` (`[B, T]`, zero where not
-trained) and `.metrics` (`dict[str, float]`).
+trained), `.metrics` (`dict[str, float]`) and `.weights` (what each mean in `.metrics`
+averages over, so the metrics of several batches combine exactly).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,7 +34,11 @@ DIAGNOSTIC_CHUNK = 1024  # positions per chunk for the entropy diagnostic
 class ObjectiveOutput:
     loss: torch.Tensor  # scalar
     token_loss: torch.Tensor  # [B, T], zero where not trained
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # means over tokens (or rows), and counts
+    # The number of tokens (or rows, for per-sequence metrics) each mean in `metrics` is
+    # taken over; metrics without a weight are counts. Means of several batches combine as
+    # sum(weight * mean) / sum(weight) and counts add up (`tropd.train.loop.combine_metrics`).
+    weights: dict[str, float] = field(default_factory=dict)
 
 
 class Objective:
@@ -135,25 +140,32 @@ class Objective:
             )
         else:
             loss = aggregate(token_loss, trained, agg, denominator)
-        metrics = {name: _masked_mean(v, m) for name, (v, m) in parts.items()}
+        means = {name: _masked_mean(v, m) for name, (v, m) in parts.items()}
         chunk = self.options.get("chunk_size", DIAGNOSTIC_CHUNK)
-        metrics.update(_diagnostics(student_logits, batch, chunk))
-        return ObjectiveOutput(loss=loss, token_loss=token_loss, metrics=metrics)
+        means.update(_diagnostics(student_logits, batch, chunk))
+        counts = {"student_tokens": batch.student_mask, "teacher_tokens": batch.teacher_mask}
+        metrics = {name: mean for name, (mean, _) in means.items()}
+        metrics.update({name: float(mask.sum()) for name, mask in counts.items()})
+        weights = {name: weight for name, (_, weight) in means.items()}
+        return ObjectiveOutput(loss, token_loss, metrics, weights)
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    count = mask.sum()
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(mean of `values` where `mask`, number of positions in `mask`); the mean of nothing is
+    0."""
+    count = float(mask.sum())
     if count == 0:
-        return 0.0
-    return float((values.detach().float() * mask).sum() / count)
+        return 0.0, 0.0
+    return float((values.detach().float() * mask).sum() / count), count
 
 
 @torch.no_grad()
 def _diagnostics(
     student_logits: torch.Tensor, batch: TokenBatch, chunk_size: int
-) -> dict[str, float]:
-    """SPEC §2.7 metrics every method can report from the batch alone. The entropy is taken
-    `chunk_size` positions at a time (no `[B * T, V]` fp32 temporary)."""
+) -> dict[str, tuple[float, float]]:
+    """SPEC §2.7 means every method can report from the batch alone, as `_masked_mean`'s
+    (mean, count). The entropy is taken `chunk_size` positions at a time (no `[B * T, V]`
+    fp32 temporary)."""
     student = batch.student_mask
     out = {"student_entropy": _masked_mean(entropy(student_logits, chunk_size), student)}
     if batch.teacher_logprobs is not None and batch.sampler_logprobs is not None:
@@ -164,8 +176,6 @@ def _diagnostics(
     if batch.teacher_topk_logprobs is not None:
         mass = batch.teacher_topk_logprobs.float().exp().sum(-1)
         out["teacher_topk_mass"] = _masked_mean(mass, student)
-    out["student_tokens"] = float(student.sum())
-    out["teacher_tokens"] = float(batch.teacher_mask.sum())
     return out
 
 

@@ -13,8 +13,11 @@ loop calls them unconditionally.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -29,6 +32,11 @@ from tropd.models import resolve_device
 from tropd.train import checkpoint
 
 PEER_LOST = ("timed out", "timeout", "connection closed by peer", "connection reset by peer")
+LAUNCHER_PID = "TROPD_LAUNCHER_PID"  # set by `launch` for the ranks it starts
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# torchrun's log messages (templates): a signal it got and passes on, a rank that failed
+FORWARDING_NOTES = ("death signal, shutting down workers", "closing signal")
+FAILED_NOTE = "failed (exitcode"
 
 
 class RanksOutOfStep(RuntimeError):
@@ -51,11 +59,13 @@ def process_group(config: Config) -> Iterator[tuple[int, int]]:
     nothing. NCCL when the model is on a GPU (rank on `cuda:LOCAL_RANK`), else gloo.
 
     A collective that waits longer than `distributed.timeout_s` (a rank crashed or hung)
-    ends the run with `RanksOutOfStep` instead of a hang."""
+    ends the run with `RanksOutOfStep` instead of a hang. The process dies with the one
+    that started it (`die_with_launcher`)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         yield 0, 1
         return
+    die_with_launcher()
     check_world_size(config, world_size)
     device = resolve_device(config.model.device)
     if device.type == "cuda":
@@ -165,19 +175,35 @@ def all_reduce_sum(value: float) -> float:
     return float(total)
 
 
-def mean_over_ranks(values: dict[str, float], weight: float) -> dict[str, float]:
-    """Weighted mean of each metric over all processes, each weighing `weight` (its rows).
-    Every process must pass the same keys."""
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over all processes, in one all-reduce (the values themselves in a
+    single process). Every process must pass the same keys."""
     if not is_distributed():
         return values
     keys = sorted(values)
     packed = torch.tensor(
-        [weight, *(weight * values[k] for k in keys)],
-        dtype=torch.float64,
-        device=_collective_device(),
+        [values[k] for k in keys], dtype=torch.float64, device=_collective_device()
     )
     dist.all_reduce(packed)
-    return {k: float(packed[i + 1] / packed[0]) for i, k in enumerate(keys)}
+    return dict(zip(keys, packed.tolist(), strict=True))
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's `value` on every process (picklable; the value itself in a single process)."""
+    if not is_distributed():
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is set on any process (one all-reduce), so all take the same branch."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value)
 
 
 def full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -260,15 +286,61 @@ def full_state_dict(model) -> dict[str, torch.Tensor] | None:
 # --- launching ------------------------------------------------------------------------
 
 
-def launch(nproc: int, tropd_args: list[str]) -> int:
+def launch(nproc: int, tropd_args: list[str], grace_s: int) -> int | None:
     """Run `tropd <tropd_args>` in `nproc` processes on this machine with torchrun
-    (`torch.distributed.run --standalone`); returns the exit code of the first failed rank."""
+    (`torch.distributed.run --standalone`). Returns the exit code of the first failed rank
+    (0 when none failed), or None when SIGTERM or SIGINT stopped the launcher: torchrun
+    passes the signal on to every rank (which finish the step and write a checkpoint), waits
+    up to `grace_s` seconds for them, then kills those still running. Should the launcher
+    itself be killed, the ranks die with it (`die_with_launcher`)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    for name in ("agent.server.api", "multiprocessing.api"):
+        logging.getLogger(f"torch.distributed.elastic.{name}").addFilter(_not_said_by_the_ranks)
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the ranks inherit torchrun's environment
     try:
-        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "tropd", *tropd_args])
+        torchrun(
+            [
+                "--standalone",
+                f"--nproc-per-node={nproc}",
+                f"--shutdown-timeout={grace_s}",
+                "-m",
+                "tropd",
+                *tropd_args,
+            ]
+        )
     except ChildFailedError as err:
         first = min(err.failures)
         return err.failures[first].exitcode or 1
+    except SignalException:
+        return None
+    finally:
+        del os.environ[LAUNCHER_PID]
     return 0
+
+
+def _not_said_by_the_ranks(record: logging.LogRecord) -> bool:
+    """False for torchrun's log lines that repeat what the ranks say themselves: that it got
+    a signal and passes it on, and that a rank exited with an error code (the rank printed
+    why). Its lines on ranks killed by a signal, or that it had to kill, stay."""
+    message = str(record.msg)
+    if message.startswith(FAILED_NOTE):
+        return record.args[0] < 0
+    return not any(note in message for note in FORWARDING_NOTES)
+
+
+def die_with_launcher() -> None:
+    """Have Linux SIGKILL this process as soon as the process that started it (torchrun)
+    exits, however it exits (prctl PR_SET_PDEATHSIG): a rank left on its own would go on
+    training into the run folder. Under `launch`, a launcher already gone by now (killed
+    while this process started) kills it at once. Nothing happens where there is no prctl."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher is not None and os.getppid() != int(launcher):
+        os.kill(os.getpid(), signal.SIGKILL)

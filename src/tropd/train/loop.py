@@ -31,7 +31,7 @@ from tropd.tasks import get_task
 from tropd.tasks.chat import encode_prompt
 from tropd.teacher import score_batch
 from tropd.teacher.remote import RemoteTeacher, connect_teacher
-from tropd.train import distributed
+from tropd.train import distributed, shutdown
 from tropd.train.checkpoint import list_checkpoints
 from tropd.train.heldout import heldout_metrics
 from tropd.train.progress import Progress
@@ -64,9 +64,20 @@ class Setup:
 def train(config: Config, resume: bool = False, rank: int = 0, world_size: int = 1) -> Path:
     """Run (or resume) training as configured; returns the run directory.
 
-    `rank`/`world_size` select this process's shard of each step's prompts.
+    `rank`/`world_size` select this process's shard of each step's prompts. The run holds
+    its folder's lock throughout; SIGTERM or SIGINT ends it after the step in progress and
+    its checkpoint with `RunStopped` (`tropd.train.shutdown`).
     """
     objective_from_config(config)  # a bad objective stops the run before its folder exists
+    run_dir = Path(config.run.output_dir)
+    with shutdown.run_dir_lock(run_dir), shutdown.stop_signals() as stop:
+        return train_locked(config, resume, rank, world_size, stop)
+
+
+def train_locked(
+    config: Config, resume: bool, rank: int, world_size: int, stop: shutdown.StopRequest
+) -> Path:
+    """`train` once the run folder is locked; `stop` says whether a signal asked to stop."""
     run_dir = prepare_run_dir(config, resume)
     setup = build(config, run_dir)
     start, skipped = 0, 0
@@ -98,8 +109,10 @@ def train(config: Config, resume: bool = False, rank: int = 0, world_size: int =
                 for sample in samples:
                     write_jsonl(run_dir / "samples.jsonl", {"step": step, **sample})
             progress.update(step, record)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                distributed.save_checkpoint(
+            # Every rank learns whether any got a signal, so all stop after the same step.
+            stopping = step < cfg.steps and distributed.any_rank(stop.signal is not None)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopping:
+                saved = distributed.save_checkpoint(
                     run_dir,
                     step,
                     setup.student,
@@ -110,6 +123,10 @@ def train(config: Config, resume: bool = False, rank: int = 0, world_size: int =
                         "data_position": step * config.rollout.prompts_per_step,
                     },
                     cfg.keep_checkpoints,
+                )
+            if stopping:
+                raise shutdown.RunStopped(
+                    stop.signal or "another process got a signal", step, saved
                 )
     export_final(setup)
     return run_dir
@@ -144,7 +161,7 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     gate = torch.Generator().manual_seed(config.run.seed * 1_000_003 + step * world_size + rank)
     forward = setup.student_ddp if setup.student_ddp is not None else student
     size = config.optim.micro_batch_size
-    losses, metrics = [], []
+    losses, parts = [], []  # parts: each micro-batch's (metrics, weights)
     for begin in range(0, len(batch), size):
         micro = batch.select(slice(begin, begin + size)).trim()
         logits = student_logits(setup, forward, micro)
@@ -161,7 +178,7 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
             break  # the step is skipped; several ranks go on in step and all skip it together
         # DDP and FSDP2 average gradients over ranks; undo that to get the global sum.
         (out.loss * world_size).backward()
-        metrics.append((len(micro), out.metrics))
+        parts.append((out.metrics, out.weights))
     loss = distributed.all_reduce_sum(float(torch.stack(losses).sum()))
     trained = time.perf_counter()
     clip = config.optim.grad_clip or math.inf
@@ -179,8 +196,8 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
         "grad_norm": grad_norm,
         "skipped": skipped,
     }
-    stats = {**weighted_mean(metrics), **rollout_stats(batch, cap)}
-    record.update(distributed.mean_over_ranks(stats, len(batch)))
+    record.update(combine_metrics([*parts, rollout_stats(batch)]))
+    record["prefix_cap"] = cap
     record["lr"] = setup.scheduler.get_last_lr()[0]
     # Phase split: sampling (and the verifier), teacher scoring, student forward and
     # backward, optimizer (clipping, update, bookkeeping).
@@ -520,25 +537,37 @@ def export_final(setup: Setup) -> None:
 # --- metrics and logs ----------------------------------------------------------
 
 
-def weighted_mean(parts: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
-    """Average micro-batch metrics weighted by their number of rows."""
-    total = sum(n for n, _ in parts)
-    keys = {k for _, m in parts for k in m}
-    return (
-        {k: sum(n * m.get(k, 0.0) for n, m in parts) / total for k in sorted(keys)} if total else {}
-    )
+def combine_metrics(parts: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, float]:
+    """The step's metrics from the `(metrics, weights)` of every micro-batch on every process
+    (see `ObjectiveOutput.weights`): each mean weighted by the tokens or rows it averages,
+    each count summed, so they are those of one process holding the whole batch. A mean
+    over nothing is 0. Collective: every process calls it, with the same keys."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for metrics, weight_of in parts:
+        for key, value in metrics.items():
+            weight = weight_of.get(key)
+            if weight is None:  # a count
+                sums[key] = sums.get(key, 0.0) + value
+            else:
+                sums[key] = sums.get(key, 0.0) + weight * value
+                weights[key] = weights.get(key, 0.0) + weight
+    sums, weights = distributed.sum_over_ranks(sums), distributed.sum_over_ranks(weights)
+    means = {key: sums[key] / weight if weight else 0.0 for key, weight in weights.items()}
+    return {**sums, **means}
 
 
-def rollout_stats(batch: TokenBatch, cap: float) -> dict[str, float]:
-    """Response length, prefix lengths, the prefix cap and the fully off-policy share."""
+def rollout_stats(batch: TokenBatch) -> tuple[dict[str, float], dict[str, float]]:
+    """Response length, prefix length and the fully off-policy share, means over the batch's
+    rows, with their weights (the row count) for `combine_metrics`."""
     prefix = batch.teacher_mask.sum(-1).float()
     student = batch.student_mask.sum(-1).float()
-    return {
+    stats = {
         "response_len": float((prefix + student).mean()),
         "prefix_len_mean": float(prefix.mean()),
-        "prefix_cap": cap,
         "off_policy_fraction": float(((prefix > 0) & (student == 0)).float().mean()),
     }
+    return stats, dict.fromkeys(stats, float(len(batch)))
 
 
 def sample_log(batch: TokenBatch, tokenizer, n: int) -> list[dict[str, Any]]:
