@@ -166,7 +166,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         return EXIT_FAIL
     except RunStopped as err:
         if rank == 0:  # all ranks stopped after the same step; one line says so
-            console.print(f"[yellow]{err}[/]", highlight=False, soft_wrap=True)
+            console.print(str(err), style="yellow", markup=False, highlight=False, soft_wrap=True)
         return EXIT_STOPPED
     if rank != 0:
         return EXIT_OK

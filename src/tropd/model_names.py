@@ -18,6 +18,7 @@ The loading itself is `tropd.models`' (from a path, in a dtype, on a device).
 from __future__ import annotations
 
 import importlib.metadata
+import warnings
 from pathlib import Path
 
 from safetensors.torch import load_model as load_weights
@@ -206,7 +207,9 @@ def load_checkpoint_weights(model: PreTrainedModel, path: Path) -> None:
     )
 
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=path, no_dist=True)
+    with warnings.catch_warnings():  # it warns that no process group is up: none is needed
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=path, no_dist=True)
     set_model_state_dict(model, state["model"])
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -264,7 +265,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     saved = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(saved, checkpoint_id=path, no_dist=not is_distributed())
+    with warnings.catch_warnings():  # one process: it warns that no process group is up
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(saved, checkpoint_id=path, no_dist=not is_distributed())
     set_state_dict(
         model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"]
     )

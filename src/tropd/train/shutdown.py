@@ -41,8 +41,9 @@ class StopRequest:
     signal: str | None = None
 
 
-class RunStopped(Exception):
-    """The run stopped early on a signal, after writing the checkpoint of `step`."""
+class RunStopped(KeyboardInterrupt):
+    """The run stopped early on a signal, after writing the checkpoint of `step`. A
+    KeyboardInterrupt, so that code catching `Exception` lets it through, as it would Ctrl-C."""
 
     def __init__(self, cause: str, step: int, checkpoint: Path):
         super().__init__(
