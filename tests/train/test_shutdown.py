@@ -233,3 +233,12 @@ def test_step_metrics_do_not_depend_on_the_micro_batch_size(tiny_pair, tmp_path)
     assert {"student_entropy", "reward_mean", "student_tokens", "trust_fraction"} <= set(keys)
     for key in keys:
         assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
+
+
+def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"run: {{output_dir: {tmp_path / 'file' / 'run'}, steps: 1}}\n")
+    assert cli.main(["train", str(config)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot create it" in err and "run.output_dir" in err, err

@@ -84,12 +84,17 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
     it."""
     handle, error = None, None
     if distributed.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
             handle = lock_run_dir(run_dir)
         except ConfigError as err:
             error = str(err)
-    error = distributed.broadcast_from_main(error)
+        except OSError as err:  # e.g. a file in the way, a name too long, no permission
+            error = (
+                f"run.output_dir {str(run_dir)!r}: cannot create it ({err.strerror}); "
+                "choose another run.output_dir"
+            )
+    error = distributed.broadcast_from_main(error)  # the other ranks must not wait for it
     if error is not None:
         raise ConfigError(error)
     try:
