@@ -76,6 +76,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resume_continues_identically(
         return real_step(setup, step, rank, world_size)
 
     capsys.readouterr()
+    handler = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(loop, "train_step", signalled_in_step_3)
     assert cli.main(["train", config]) == cli.EXIT_STOPPED
     err = capsys.readouterr().err
@@ -84,7 +85,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resume_continues_identically(
     assert [p.name for p in list_checkpoints(stopped)] == ["step_0000003"]
     assert [m["step"] for m in read_metrics(stopped)] == [0, 1, 2, 3]
     assert not (stopped / "final").exists()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers put back
+    assert signal.getsignal(signal.SIGTERM) is handler  # put back
 
     monkeypatch.setattr(loop, "train_step", real_step)
     assert cli.main(["train", config, "--resume"]) == cli.EXIT_OK
