@@ -21,7 +21,7 @@ from tropd.tasks.task import Item, SFTTask
 
 SPLITS = ("train", "eval")
 EVAL_PERCENT = 10  # share of the problem space that belongs to the eval split
-MAX_LENGTH = 10_000  # longest operand or string: longer ones only take time to draw
+MAX_LENGTH = 1000  # longest operand or string (far beyond a small model's context)
 
 
 def _split_of(problem: str) -> str:
