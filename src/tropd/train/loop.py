@@ -188,7 +188,7 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     else:
         setup.optimizer.step()
     with warnings.catch_warnings():  # a skipped first step is not the misuse torch warns of
-        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
         setup.scheduler.step()
 
     record: dict[str, Any] = {
