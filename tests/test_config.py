@@ -355,6 +355,22 @@ def test_check_models_accepts_matching_vocabularies(models) -> None:
     loop.check_models(model_config(models, "teacher", "teacher.top_k=16"))
 
 
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["rollout.max_new_tokens=300"], "rollout.max_new_tokens: 300"),
+        (["rollout.max_new_tokens=8", "eval.max_new_tokens=256"], "eval.max_new_tokens: 256"),
+    ],
+)
+def test_a_response_budget_beyond_the_models_positions_is_refused_from_configs(
+    models, overrides: list[str], key: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        loop.check_models(model_config(models, "teacher", "teacher.top_k=4", *overrides))
+    message = one_line(info)
+    assert message.startswith(key) and "256 positions" in message
+
+
 def test_different_vocabularies_are_rejected(models) -> None:
     with pytest.raises(ConfigError) as info:
         loop.check_models(model_config(models, "other_vocab", "teacher.top_k=4"))

@@ -15,6 +15,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -136,7 +137,17 @@ def load_pretrained_tokenizer(path: str) -> PreTrainedTokenizerBase:
 def read_config_vocab_size(path: str) -> int:
     """The vocabulary size in the config at `path` (a local directory, a hub id or a
     `.gguf` file's metadata); no weights are read. OSError when there is no config."""
+    return _read_text_config(path).vocab_size
+
+
+def read_config_positions(path: str) -> int | None:
+    """`max_position_embeddings` in the config at `path` (None where it sets none), read
+    like `read_config_vocab_size`."""
+    return getattr(_read_text_config(path), "max_position_embeddings", None)
+
+
+def _read_text_config(path: str) -> PretrainedConfig:
     file = Path(path)
     if file.suffix == ".gguf":
-        return AutoConfig.from_pretrained(file.parent, gguf_file=file.name).vocab_size
-    return AutoConfig.from_pretrained(path).get_text_config().vocab_size
+        return AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
+    return AutoConfig.from_pretrained(path).get_text_config()

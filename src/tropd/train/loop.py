@@ -22,7 +22,13 @@ from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch, align_logits
 from tropd.config import GUIDANCE_DEFAULTS, Config, ConfigError, TaskConfig, save_config
 from tropd.head import HeadLogits, chunked_head_supported, hidden_only
 from tropd.lora import apply_lora, merge_lora
-from tropd.model_names import load_model, load_tokenizer, read_vocab_size, resolve_model_path
+from tropd.model_names import (
+    load_model,
+    load_tokenizer,
+    read_max_positions,
+    read_vocab_size,
+    resolve_model_path,
+)
 from tropd.objectives import Objective, OptionError, get_objective, list_objectives
 from tropd.rollout import GuidancePlan, HFEngine, SamplingParams, collect_rollouts, prefix_cap
 from tropd.rollout.blend import BlendEngine, blend_budget
@@ -392,6 +398,7 @@ def objective_from_config(config: Config) -> Objective:
 def check_models(config: Config) -> None:
     """Checks that need the models' configs (not their weights). A teacher server is
     checked against the student's tokenizer when the run connects to it."""
+    check_response_budget(config)
     if config.teacher.url:
         return
     vocab_student = _vocab_size(config.model.student, "model.student")
@@ -406,6 +413,21 @@ def check_models(config: Config) -> None:
             f"teacher.top_k: {config.teacher.top_k} exceeds the vocabulary size {vocab_teacher}; "
             f"set teacher.top_k <= {vocab_teacher}"
         )
+
+
+def check_response_budget(config: Config) -> None:
+    """The longest response must leave room for a prompt in each local model's positions
+    (`max_position_embeddings`, where its config says); the prompts themselves are checked
+    once the tokenizer is loaded (`fit_prompts`)."""
+    key = "rollout.max_new_tokens"
+    budget = config.rollout.max_new_tokens
+    if (config.eval.max_new_tokens or 0) > budget:
+        key, budget = "eval.max_new_tokens", config.eval.max_new_tokens
+    names = [config.model.student] + ([] if config.teacher.url else [config.model.teacher])
+    for name in names:
+        positions = read_max_positions(name)
+        if positions is not None:
+            fit_prompts([], [], positions, budget, key, config.task)
 
 
 def _vocab_size(name: str, key: str) -> int:
