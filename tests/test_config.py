@@ -144,12 +144,45 @@ def config_error(path=None, overrides=()) -> str:
         ("guidance.initial_cap=false", ["guidance.initial_cap", "number"]),
         ("guidance.cap_unit=words", ["guidance.cap_unit"]),
         ("teacher.top_k=0", ["teacher.top_k"]),
+        ("run.steps=1000000000000", ["run.steps", "less than or equal to 10000000"]),
+        ("eval.num_prompts=1000000000", ["eval.num_prompts"]),
+        ("rollout.prompts_per_step=1000000000", ["rollout.prompts_per_step"]),
+        ("rollout.max_new_tokens=1000000000000", ["rollout.max_new_tokens"]),
+        ("eval.samples=1000000000", ["eval.samples"]),
+        ("run.seed=1180591620717411303424", ["run.seed"]),
+        ("distributed.timeout_s=1000000000000", ["distributed.timeout_s"]),
+        ("optim.betas=[1, 2]", ["optim.betas", "[0, 1)"]),
+        ("model.device=meta", ["model.device", "cuda:N"]),
+        ("optim.max_skipped_steps_in_row=0", ["optim.max_skipped_steps_in_row"]),
+        ("task.truncate_prompts=right", ["task.truncate_prompts"]),
     ],
 )
 def test_bad_values_name_their_key(override: str, names: list[str]) -> None:
     message = config_error(overrides=[override])
     for name in names:
         assert name in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        (["run.steps=1000000", "rollout.prompts_per_step=8"], ["run.steps * rollout.prompts"]),
+        (
+            ["run.steps=1", "rollout.prompts_per_step=65536", "rollout.samples_per_prompt=64"],
+            ["rollout.prompts_per_step * rollout.samples_per_prompt"],
+        ),
+    ],
+)
+def test_products_too_large_to_hold_are_refused(overrides: list[str], names: list[str]) -> None:
+    message = config_error(overrides=overrides)
+    for name in names:
+        assert name in message
+    assert len(message) < 200  # the config itself is not echoed
+
+
+def test_a_long_value_is_shortened_in_the_message() -> None:
+    message = config_error(overrides=["run.steps=" + "x" * 10_000])
+    assert "run.steps" in message and len(message) < 200
 
 
 def test_a_fractional_initial_cap_is_at_most_one() -> None:
@@ -173,6 +206,48 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path: Path) -> None:
     path.write_text("optim:\n  lr: 1.0e-4\n  lr: 1.0e-2\n")
     message = config_error(path)
     assert "duplicate key 'lr'" in message and "line 3" in message
+
+
+ALIAS_BOMB = "".join(
+    f"l{i}: &l{i} [{', '.join([f'*l{i - 1}' if i else 'x'] * 10)}]\n" for i in range(9)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        (ALIAS_BOMB, ["bomb.yaml", "line", "aliases are expanded"]),
+        ("task:\n  options: &a {x: [*a]}\n", ["bomb.yaml", "recursive alias"]),
+        ("task:\n  options: {x: " + "[" * 5000 + "]" * 5000 + "}\n", ["nested too deeply"]),
+        ("? [1, 2]\n: 3\n", ["bomb.yaml", "unhashable"]),
+    ],
+)
+def test_alias_bombs_and_deep_documents_are_refused(
+    tmp_path: Path, text: str, names: list[str]
+) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    message = config_error(path)
+    for name in names:
+        assert name in message
+
+
+def test_a_few_aliases_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "anchors.yaml"
+    path.write_text("rollout: &r {max_new_tokens: 7}\neval: {max_new_tokens: 7}\n")
+    assert load_config(path).rollout.max_new_tokens == 7
+
+
+def test_a_config_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"run:\n  steps: 3\n  output_dir: caf\xe9\n")
+    message = config_error(path)
+    assert "latin1.yaml:3: not UTF-8 (byte 0xe9)" in message
+
+
+def test_an_override_that_is_not_yaml_is_one_line() -> None:
+    message = config_error(overrides=["optim.betas=[0.9,"])
+    assert "optim.betas" in message and "not valid YAML" in message
 
 
 def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
@@ -278,6 +353,22 @@ def model_config(models: dict[str, str], teacher: str, *overrides: str) -> Confi
 
 def test_check_models_accepts_matching_vocabularies(models) -> None:
     loop.check_models(model_config(models, "teacher", "teacher.top_k=16"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["rollout.max_new_tokens=300"], "rollout.max_new_tokens: 300"),
+        (["rollout.max_new_tokens=8", "eval.max_new_tokens=256"], "eval.max_new_tokens: 256"),
+    ],
+)
+def test_a_response_budget_beyond_the_models_positions_is_refused_from_configs(
+    models, overrides: list[str], key: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        loop.check_models(model_config(models, "teacher", "teacher.top_k=4", *overrides))
+    message = one_line(info)
+    assert message.startswith(key) and "256 positions" in message
 
 
 def test_different_vocabularies_are_rejected(models) -> None:

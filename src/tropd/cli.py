@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from rich.console import Console
 from rich.table import Table
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
+    warnings.formatwarning = _one_line_warning
     console = Console(stderr=True)
     try:
         commands = {
@@ -138,12 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # ConfigError and the one-line errors of loaders
         console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
+    except OSError as err:  # a file that cannot be read or written: its name is in the message
+        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        return EXIT_FAIL
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Python warnings (e.g. skipped data rows) as one `warning:` line, without the source
+    line Python shows by default."""
+    return f"warning: {message}\n"
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
     from tropd.config import load_config
     from tropd.train import distributed, train
-    from tropd.train.loop import objective_from_config
+    from tropd.train.loop import TrainingStopped, objective_from_config
     from tropd.train.shutdown import RunStopped
 
     config = load_config(args.config, args.overrides)
@@ -161,8 +172,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     try:
         with distributed.process_group(config) as (rank, world_size):
             run_dir = train(config, resume=args.resume, rank=rank, world_size=world_size)
-    except distributed.RanksOutOfStep as err:
-        console.print(f"[red]error:[/] {err}", highlight=False)
+    except (distributed.RanksOutOfStep, TrainingStopped) as err:
+        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         return EXIT_FAIL
     except RunStopped as err:
         if rank == 0:  # all ranks stopped after the same step; one line says so

@@ -9,6 +9,7 @@ is loaded. The objective's name and options are checked where the run is built
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -27,6 +28,16 @@ from pydantic import (
 
 class ConfigError(ValueError):
     """A bad config: the message is one line naming the key and the fix."""
+
+
+# Upper bounds: generous, but finite, so a typo like `run.steps=10**12` fails at load
+# instead of drawing prompts or allocating for minutes before any work.
+MAX_STEPS = 10_000_000
+MAX_PROMPTS = 1_000_000  # prompts drawn up front: run.steps * prompts_per_step, eval.num_prompts
+MAX_ROWS = 1_048_576  # sequences per step: prompts_per_step * samples_per_prompt
+MAX_TOKENS = 1_048_576  # new tokens per response
+MAX_SEED = 2**32 - 1
+MAX_YAML_NODES = 100_000  # nodes of a config with every YAML alias expanded
 
 
 class _Section(BaseModel):
@@ -50,8 +61,12 @@ class _Section(BaseModel):
 
 class RunConfig(_Section):
     output_dir: str = Field("runs/tropd", description="the run directory")
-    seed: int = Field(0, description="seeds sampling, the trust gate and data order")
-    steps: int = Field(50, gt=0, description="optimizer steps S (also the guidance horizon)")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="seeds sampling, the trust gate and data order"
+    )
+    steps: int = Field(
+        50, gt=0, le=MAX_STEPS, description="optimizer steps S (also the guidance horizon)"
+    )
     save_every: int = Field(10, ge=0, description="checkpoint every N steps (0: only the last)")
     keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept on disk")
     log_samples: int = Field(2, ge=0, description="rollouts per step written to samples.jsonl")
@@ -70,7 +85,14 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on a CUDA GPU that supports it, else float32"
     )
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+            raise ValueError("use auto, cpu, cuda, cuda:N or mps")
+        return device
 
 
 class TaskConfig(_Section):
@@ -86,12 +108,19 @@ class TaskConfig(_Section):
     system_prompt: str | None = Field(
         None, description="system message rendered before each prompt (chat template)"
     )
+    truncate_prompts: Literal["error", "left"] = Field(
+        "error",
+        description="a prompt too long for the model's positions (with rollout.max_new_tokens): "
+        "error stops the run naming it; left drops its first tokens",
+    )
 
 
 class RolloutConfig(_Section):
-    prompts_per_step: int = Field(8, gt=0, description="prompts per optimizer step")
-    samples_per_prompt: int = Field(4, gt=0, description="rollouts per prompt")
-    max_new_tokens: int = Field(16, gt=0, description="L_0: response budget (prefix included)")
+    prompts_per_step: int = Field(8, gt=0, le=MAX_ROWS, description="prompts per optimizer step")
+    samples_per_prompt: int = Field(4, gt=0, le=MAX_ROWS, description="rollouts per prompt")
+    max_new_tokens: int = Field(
+        16, gt=0, le=MAX_TOKENS, description="L_0: response budget (prefix included)"
+    )
     temperature: float = Field(1.0, gt=0, description="student sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="student nucleus sampling")
     engine: Literal["hf", "vllm"] = Field(
@@ -156,9 +185,14 @@ class GuidanceConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    top_k: int = Field(64, gt=0, description="k of the teacher's top-k log-probs (paper: 64)")
+    top_k: int = Field(
+        64, gt=0, le=MAX_TOKENS, description="k of the teacher's top-k log-probs (paper: 64)"
+    )
     chunk_size: int = Field(
-        1024, gt=0, description="positions per chunk when scoring (bounds [chunk, V] memory)"
+        1024,
+        gt=0,
+        le=MAX_TOKENS,
+        description="positions per chunk when scoring (bounds [chunk, V] memory)",
     )
     url: str | None = Field(
         None,
@@ -174,9 +208,14 @@ class TeacherConfig(_Section):
     token_file: str | None = Field(
         None, description="file holding the bearer token (used when teacher.token is null)"
     )
-    timeout_s: float = Field(300.0, gt=0, description="seconds one teacher request may take")
+    timeout_s: float = Field(
+        300.0, gt=0, le=86_400, description="seconds one teacher request may take"
+    )
     retries: int = Field(
-        5, ge=0, description="retries of a failed teacher request (backoff 1 s, 2 s, 4 s, ...)"
+        5,
+        ge=0,
+        le=100,
+        description="retries of a failed teacher request (backoff 1 s, 2 s, 4 s, ...)",
     )
 
 
@@ -190,7 +229,7 @@ class ObjectiveConfig(_Section):
 class OptimConfig(_Section):
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1)")
     schedule: Literal["constant", "cosine"] = Field(
         "constant", description="lr after warm-up: constant or cosine to 0"
     )
@@ -206,6 +245,19 @@ class OptimConfig(_Section):
         "forward, so no [B, T, V] logits exist; 0: plain full logits. Used when the objective "
         "and model allow it (see README, Performance)",
     )
+    max_skipped_steps_in_row: int = Field(
+        10,
+        gt=0,
+        description="stop the run (exit 1) after this many steps in a row skipped as "
+        "non-finite; the last checkpoint stays",
+    )
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_unit_interval(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError("each AdamW beta must be in [0, 1), e.g. [0.9, 0.999]")
+        return betas
 
 
 class DistributedConfig(_Section):
@@ -218,7 +270,10 @@ class DistributedConfig(_Section):
         False, description="fsdp2: bfloat16 compute and all-gathers, float32 gradient reduction"
     )
     timeout_s: int = Field(
-        600, gt=0, description="seconds a process waits for the others before the run fails"
+        600,
+        gt=0,
+        le=604_800,
+        description="seconds a process waits for the others before the run fails",
     )
 
     @model_validator(mode="after")
@@ -230,17 +285,22 @@ class DistributedConfig(_Section):
 
 class EvalConfig(_Section):
     every: int = Field(10, ge=0, description="evaluate every N steps and at step 0 (0: off)")
-    num_prompts: int = Field(64, gt=0, description="held-out prompts (eval split)")
+    num_prompts: int = Field(64, gt=0, le=MAX_PROMPTS, description="held-out prompts (eval split)")
     temperature: float = Field(0.0, ge=0, description="sampling for accuracy (0: greedy)")
     samples: int = Field(
-        1, ge=1, description="temperature-1 samples per prompt (sampled accuracy, reverse KL)"
+        1,
+        ge=1,
+        le=MAX_ROWS,
+        description="temperature-1 samples per prompt (sampled accuracy, reverse KL)",
     )
-    max_new_tokens: int | None = Field(None, gt=0, description="default: rollout.max_new_tokens")
+    max_new_tokens: int | None = Field(
+        None, gt=0, le=MAX_TOKENS, description="default: rollout.max_new_tokens"
+    )
 
 
 class LoraConfig(_Section):
     enabled: bool = Field(False, description="train LoRA adapters on the student (needs peft)")
-    rank: int = Field(16, gt=0, description="adapter rank r")
+    rank: int = Field(16, gt=0, le=65_536, description="adapter rank r")
     alpha: float = Field(32.0, gt=0, description="adapter scale alpha (update = alpha/r * B A)")
     target_modules: list[str] | str = Field(
         "all-linear", description="module-name suffixes, e.g. [q_proj, v_proj], or all-linear"
@@ -261,13 +321,35 @@ class Config(_Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
+    @model_validator(mode="after")
+    def _feasible_sizes(self) -> Config:
+        """Products of bounded values that are drawn or held at once."""
+        r = self.rollout
+        if self.run.steps * r.prompts_per_step > MAX_PROMPTS:
+            raise ValueError(
+                f"run.steps * rollout.prompts_per_step is {self.run.steps * r.prompts_per_step} "
+                f"prompts, drawn before the run starts; keep it <= {MAX_PROMPTS}"
+            )
+        if r.prompts_per_step * r.samples_per_prompt > MAX_ROWS:
+            raise ValueError(
+                "rollout.prompts_per_step * rollout.samples_per_prompt is "
+                f"{r.prompts_per_step * r.samples_per_prompt} sequences per step; "
+                f"keep it <= {MAX_ROWS}"
+            )
+        return self
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value parsed as YAML, so 1e-4, true, null, [1, 2] work)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not key=value; write e.g. optim.lr=1e-4")
-    value = yaml.safe_load(raw) if raw else ""
+    try:
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw else ""
+    except (yaml.YAMLError, RecursionError) as err:
+        raise ConfigError(
+            f"override {text!r}: the value is not valid YAML ({_problem(err)})"
+        ) from None
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
             value = float(value)  # YAML 1.1 reads 1e-4 as a string
@@ -288,18 +370,58 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last
-    one silently, so a setting written twice would be half-ignored)."""
+    one silently, so a setting written twice would be half-ignored), a recursive alias, and
+    a document of more than `MAX_YAML_NODES` nodes once its aliases are expanded (an
+    "anchor bomb": a few lines of aliases that expand to billions of values)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _expanded_nodes(node, {}, set())
+        return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
+            with contextlib.suppress(TypeError):  # an unhashable key: SafeLoader says so
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def _expanded_nodes(node: yaml.Node, counted: dict[int, int], open_: set[int]) -> int:
+    """Nodes under `node` with aliases expanded; each shared node is counted once per use
+    but walked once (`counted`), so a bomb is measured without being expanded."""
+    if id(node) in open_:
+        raise yaml.constructor.ConstructorError(
+            None, None, "recursive alias (an anchor used inside itself)", node.start_mark
+        )
+    if id(node) not in counted:
+        open_.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        counted[id(node)] = 1 + sum(_expanded_nodes(c, counted, open_) for c in children)
+        open_.discard(id(node))
+        if counted[id(node)] > MAX_YAML_NODES:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"more than {MAX_YAML_NODES} values once aliases are expanded "
+                "(an alias bomb?); write the config without deep aliases",
+                node.start_mark,
+            )
+    return counted[id(node)]
+
+
+def _problem(err: Exception) -> str:
+    """The first line of a YAML error, or what a too-deep document is."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return str(getattr(err, "problem", None) or str(err).splitlines()[0])
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -309,13 +431,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found; pass a YAML file path")
+        raw = path.read_bytes()
         try:
-            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
-        except yaml.YAMLError as err:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw[: err.start].count(b"\n") + 1
+            raise ConfigError(
+                f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x}); save the config as UTF-8"
+            ) from None
+        try:
+            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        except (yaml.YAMLError, RecursionError) as err:
             mark = getattr(err, "problem_mark", None)
             line = f" at line {mark.line + 1}" if mark is not None else ""
-            first = str(getattr(err, "problem", None) or str(err).splitlines()[0])
-            raise ConfigError(f"{path}: not valid YAML{line} ({first})") from None
+            raise ConfigError(f"{path}: not valid YAML{line} ({_problem(err)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data = apply_overrides(data, overrides or [])
@@ -333,7 +462,12 @@ def validate(data: dict[str, Any]) -> Config:
                 f"{where}: unknown key; check the spelling (see README config reference)"
             ) from None
         message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{where}: {message} (got {first.get('input')!r})") from None
+        given = first.get("input")
+        if isinstance(given, dict):  # a whole section: its key names it already
+            raise ConfigError(f"{where}: {message}") from None
+        shown = repr(given)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise ConfigError(f"{where}: {message} (got {shown})") from None
 
 
 def save_config(config: Config, path: Path) -> None:

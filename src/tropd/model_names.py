@@ -30,6 +30,7 @@ from tropd.lora import apply_lora
 from tropd.models import (
     load_pretrained,
     load_pretrained_tokenizer,
+    read_config_positions,
     read_config_vocab_size,
     resolve_device,
     resolve_dtype,
@@ -124,6 +125,20 @@ def read_vocab_size(name: str) -> int:
             f"cannot read the config of model {name!r}: not a local model directory "
             "and not available from the Hugging Face Hub (or its cache)"
         ) from None
+
+
+def read_max_positions(name: str) -> int | None:
+    """The model's `max_position_embeddings`, read from its config alone, or None where
+    that is not known before loading: a built-in model (built on first use), a config
+    without it, or a name whose config cannot be read (`read_vocab_size` reports that)."""
+    if name.startswith(BUILTIN_PREFIX):
+        return None
+    if name.startswith(PRUNE_PREFIX):
+        return read_max_positions(parse_prune(name)[0])
+    try:
+        return read_config_positions(str(gguf_path(name) or name))
+    except (OSError, ValueError):
+        return None
 
 
 def load_model(name: str, dtype: str = "auto", device: str = "auto") -> PreTrainedModel:

@@ -15,6 +15,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -75,6 +76,15 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; use cpu or auto")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+            "use cuda:0 or auto"
+        )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but MPS is not available; use cpu or auto")
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r} cannot hold a trained model; use auto, cpu or cuda")
     return resolved
 
 
@@ -127,7 +137,17 @@ def load_pretrained_tokenizer(path: str) -> PreTrainedTokenizerBase:
 def read_config_vocab_size(path: str) -> int:
     """The vocabulary size in the config at `path` (a local directory, a hub id or a
     `.gguf` file's metadata); no weights are read. OSError when there is no config."""
+    return _read_text_config(path).vocab_size
+
+
+def read_config_positions(path: str) -> int | None:
+    """`max_position_embeddings` in the config at `path` (None where it sets none), read
+    like `read_config_vocab_size`."""
+    return getattr(_read_text_config(path), "max_position_embeddings", None)
+
+
+def _read_text_config(path: str) -> PretrainedConfig:
     file = Path(path)
     if file.suffix == ".gguf":
-        return AutoConfig.from_pretrained(file.parent, gguf_file=file.name).vocab_size
-    return AutoConfig.from_pretrained(path).get_text_config().vocab_size
+        return AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
+    return AutoConfig.from_pretrained(path).get_text_config()

@@ -174,3 +174,70 @@ def test_prompts_only_source_with_no_verifier(tmp_path):
     task = get_task(f"jsonl:{path}", verifier="none", eval_fraction=0.5)
     item = task.items("train", 1, 0)[0]
     assert item.answer == "" and task.score("anything", item) == 0.0
+
+
+def test_the_first_csv_record_is_line_two(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("question,solution\n1+1=\n2+2=,4\n")
+    with pytest.raises(SourceError, match=rf"{path}:2: has 2 columns"):
+        get_task(f"csv:{path}", fields=FIELDS)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_undecodable_bytes_name_their_line_and_are_skippable(tmp_path, fmt):
+    good = [json.dumps(r).encode() for r in RECORDS[:3]]
+    if fmt == "csv":
+        good = [f"{r['question']},{r['solution']}".encode() for r in RECORDS[:3]]
+        good.insert(0, b"question,solution")
+    path = tmp_path / f"d.{fmt}"
+    bad = b'{"question": "\xff+1=", "solution": "2"}' if fmt == "jsonl" else b"\xff+1=,2"
+    path.write_bytes(b"\n".join([*good[:2], bad, *good[2:]]) + b"\n")
+    with pytest.raises(SourceError, match=rf"{path}:3: not UTF-8 \(byte 0xff"):
+        get_task(f"{fmt}:{path}", fields=FIELDS)
+    with pytest.warns(UserWarning, match="skipped 1 bad row"):
+        task = get_task(f"{fmt}:{path}", fields=FIELDS, skip_bad_rows=True)
+    assert len(all_items(task)) == 3
+    assert task.skipped_rows[0].startswith(f"{path}:3: not UTF-8")
+
+
+def test_undecodable_json_file_names_its_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_bytes(b'[\n{"question": "1+1=", "solution": "2"},\n{"question": "\xfe"}\n]')
+    with pytest.raises(SourceError, match=rf"{path}:3: not UTF-8 \(byte 0xfe"):
+        get_task(f"json:{path}", fields=FIELDS)
+
+
+def test_a_csv_field_longer_than_pythons_default_limit_is_read(tmp_path):
+    path = write_csv(tmp_path / "d.csv", [{"question": "x" * 200_000, "solution": "1"}])
+    task = get_task(f"csv:{path}", fields=FIELDS, eval_fraction=0)
+    assert len(task.pools["train"][0].prompt) == 200_000
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "names"),
+    [
+        ("jsonl:{dir}", {}, ["is a directory", "hf:PATH"]),
+        ("file", {"path": "{dir}", "format": "csv"}, ["is a directory"]),
+        ("jsonl:{file}", {"colour": "red"}, ["unknown option", "colour", "skip_bad_rows"]),
+        ("jsonl:{file}", {"eval_fraction": "half"}, ["task.options.eval_fraction"]),
+        ("jsonl:{file}", {"skip_bad_rows": "yes"}, ["task.options.skip_bad_rows"]),
+        ("jsonl:{file}", {"timeout_s": float("inf")}, ["timeout_s", "(0, 3600]"]),
+        ("add", {"digits": "abc"}, ["task.options.digits", "integer", "'abc'"]),
+        ("add", {"digits": True}, ["task.options.digits", "integer"]),
+        ("add", {"digits": 10**12}, ["digits", "1..1000"]),
+        ("reverse", {"max_length": 2.5}, ["task.options.max_length"]),
+        ("chain", {"max_steps": "four"}, ["task.options.max_steps"]),
+    ],
+)
+def test_bad_task_options_are_one_line_errors(tmp_path, name, options, names):
+    file = write_jsonl(tmp_path / "d.jsonl", RECORDS)
+    fill = {"dir": str(tmp_path), "file": str(file)}
+    options = {k: v.format(**fill) if isinstance(v, str) else v for k, v in options.items()}
+    if ":" in name:
+        options["fields"] = FIELDS
+    with pytest.raises(ValueError) as info:
+        get_task(name.format(**fill), **options)
+    message = str(info.value)
+    assert "\n" not in message
+    for part in names:
+        assert part in message

@@ -300,6 +300,86 @@ def test_a_run_with_every_step_skipped_fails_with_one_line(
     assert "every step" in message and "optim.lr" in message and "done" not in message
 
 
+def test_non_finite_steps_in_a_row_stop_the_run_and_keep_its_checkpoint(
+    sharp_pair, tmp_path, monkeypatch, capsys
+):
+    config = make_config(
+        sharp_pair,
+        tmp_path / "nan",
+        "run.steps=6",
+        "run.save_every=1",
+        "run.keep_checkpoints=6",
+        "eval.every=0",
+        "objective.name=opd",
+        "optim.max_skipped_steps_in_row=3",
+    )
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    captured = poison_objective(monkeypatch)
+    assert cli.main(["train", str(path)]) == cli.EXIT_FAIL
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "steps 1-3 were all skipped" in lines[0], lines
+    assert "max_skipped_steps_in_row" in lines[0]
+    assert [m["step"] for m in read_metrics(tmp_path / "nan")] == [1, 2, 3]
+    assert read_metrics(tmp_path / "nan")[-1]["skipped_steps"] == 3
+    assert [p.name for p in list_checkpoints(tmp_path / "nan")][-1] == "step_0000003"
+    assert not (tmp_path / "nan" / "final").exists()
+    after = captured["student"].state_dict()
+    for name, tensor in captured["before"].items():
+        assert torch.equal(after[name], tensor), name
+
+
+def test_resume_before_the_first_checkpoint_writes_step_0_once(sharp_pair, tmp_path, monkeypatch):
+    config = make_config(sharp_pair, tmp_path / "run", "run.steps=2", "eval.every=2")
+
+    def dies(setup, step, rank, world_size):
+        raise KeyboardInterrupt  # after step 0's evaluation, before any checkpoint
+
+    real_step = loop.train_step
+    monkeypatch.setattr(loop, "train_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(config)
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [0]
+    monkeypatch.setattr(loop, "train_step", real_step)
+    loop.train(config, resume=True)
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [0, 1, 2]
+
+
+def test_a_prompt_longer_than_the_models_positions_is_one_line(sharp_pair, tmp_path):
+    config = make_config(sharp_pair, tmp_path / "long", "task.options.digits=1000")
+    with pytest.raises(ConfigError) as info:
+        loop.train(config)
+    message = one_line(info)
+    assert "256 positions" in message and "task.truncate_prompts: left" in message
+    assert "rollout.max_new_tokens 8" in message
+
+
+def test_prompts_cut_on_the_left_keep_room_for_the_response(sharp_pair, tmp_path):
+    config = make_config(
+        sharp_pair, tmp_path / "left", "task.options.digits=1000", "task.truncate_prompts=left"
+    )
+    setup = loop.build(config, tmp_path)
+    lengths = [len(p) for p in setup.train_prompts + setup.eval_prompts]
+    assert max(lengths) == 256 - 8
+    full = loop.encode_prompt(setup.tokenizer, setup.train_items[0])
+    assert setup.train_prompts[0] == full[-len(setup.train_prompts[0]) :]
+
+
+def test_fit_prompts_without_room_names_the_budget():
+    with pytest.raises(ConfigError) as info:
+        loop.fit_prompts([[1]], [None], 16, 16, "eval.max_new_tokens", Config().task)
+    assert "eval.max_new_tokens: 16 new tokens leave no room" in one_line(info)
+
+
+def test_an_output_dir_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    for where in (tmp_path / "file" / "run", tmp_path / ("x" * 300)):
+        config = load_config(None, [f"run.output_dir={where}"])
+        with pytest.raises(ConfigError) as info:
+            loop.prepare_run_dir(config, resume=False)
+        assert "run.output_dir" in one_line(info)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(sharp_pair, tmp_path):
     """A real `kill -9` of `tropd train` after its first checkpoint; `--resume` finishes the

@@ -21,6 +21,7 @@ from tropd.tasks.task import Item, SFTTask
 
 SPLITS = ("train", "eval")
 EVAL_PERCENT = 10  # share of the problem space that belongs to the eval split
+MAX_LENGTH = 1000  # longest operand or string (far beyond a small model's context)
 
 
 def _split_of(problem: str) -> str:
@@ -81,8 +82,8 @@ class AddTask:
     digits: int = 3
 
     def __post_init__(self) -> None:
-        if self.digits < 1:
-            raise ValueError(f"add: digits must be >= 1, got {self.digits}")
+        if not 1 <= self.digits <= MAX_LENGTH:
+            raise ValueError(f"add: digits must be in 1..{MAX_LENGTH}, got {self.digits}")
 
     def _operand(self, rng: random.Random) -> int:
         length = rng.randint(1, self.digits)
@@ -118,9 +119,9 @@ class StringTask:
     def __post_init__(self) -> None:
         if self.name not in ("copy", "reverse"):
             raise ValueError(f"string task must be copy or reverse, got {self.name!r}")
-        if not 1 <= self.min_length <= self.max_length:
+        if not 1 <= self.min_length <= self.max_length <= MAX_LENGTH:
             raise ValueError(
-                f"{self.name}: need 1 <= min_length <= max_length, "
+                f"{self.name}: need 1 <= min_length <= max_length <= {MAX_LENGTH}, "
                 f"got {self.min_length} and {self.max_length}"
             )
         if not 2 <= self.letters <= 26:
@@ -166,6 +167,11 @@ def list_tasks() -> list[str]:
 def task_options(task: SFTTask) -> dict[str, object]:
     """The options a built-in task was made with, e.g. `{"digits": 3}` (for cache keys)."""
     return {name: getattr(task, name) for name in _option_names(type(task))}
+
+
+def builtin_task_class(name: str) -> type:
+    """The class that builds the built-in task `name` (its fields are the options)."""
+    return _TASKS[name][0]
 
 
 def get_task(name: str, **options: object) -> SFTTask:

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,23 +99,40 @@ Row = tuple[str, Any, str | None]
 why the row could not be read (then `record` is None)."""
 
 
+def _not_utf8(err: UnicodeDecodeError) -> str:
+    return f"not UTF-8 (byte 0x{err.object[err.start]:02x} at column {err.start + 1})"
+
+
 def _jsonl_rows(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:  # decoded line by line, so a bad byte is one bad row
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, None, _not_utf8(err)
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 yield where, json.loads(line), None
             except json.JSONDecodeError as err:
                 yield where, None, f"not valid JSON ({err.msg})"
+            except RecursionError:
+                yield where, None, "not valid JSON (nested too deeply)"
 
 
 def _json_rows(path: Path) -> Iterator[Row]:
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise SourceError(f"{path}:{line}: {_not_utf8(err)}") from None
     except json.JSONDecodeError as err:
         raise SourceError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise SourceError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, list):
         raise SourceError(f"{path}: a JSON source must be a list of records")
     for index, record in enumerate(data):
@@ -122,16 +140,33 @@ def _json_rows(path: Path) -> Iterator[Row]:
 
 
 def _csv_rows(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8", newline="") as handle:
+    # Undecodable bytes become lone surrogates (surrogateescape), so the row holding them
+    # is reported (and skippable) rather than the whole file failing.
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
         reader = csv.DictReader(handle)
-        line = reader.line_num + 1
-        for record in reader:
-            where = f"{path}:{line}"
+        line = 1
+        try:
+            if _BAD_BYTE.search("".join(reader.fieldnames or [])):
+                raise SourceError(f"{path}:1: the header is not UTF-8")
             line = reader.line_num + 1
-            if None in record or None in record.values():
-                yield where, None, f"has {len(reader.fieldnames or [])} columns in the header"
-                continue
-            yield where, record, None
+            for record in reader:
+                where = f"{path}:{line}"
+                line = reader.line_num + 1
+                if None in record or None in record.values():
+                    yield where, None, f"has {len(reader.fieldnames or [])} columns in the header"
+                elif bad := next(filter(None, map(_BAD_BYTE.search, record.values())), None):
+                    yield where, None, f"not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x})"
+                else:
+                    yield where, record, None
+        except csv.Error as err:  # e.g. a field over CSV_FIELD_LIMIT: the reader cannot go on
+            raise SourceError(f"{path}:{line}: not readable as CSV ({err})") from None
+
+
+_BAD_BYTE = re.compile("[\udc80-\udcff]")
+CSV_FIELD_LIMIT = 64 * 2**20
+"""Longest CSV field in characters (Python's default, 131,072, is short for code or
+long documents)."""
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
@@ -183,6 +218,11 @@ def read_rows(path: str | Path, fmt: str | None = None, split: str | None = None
         raise ValueError(f"unknown source format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "hf":
         return _hf_rows(path, split)
+    if path.is_dir():
+        raise ValueError(
+            f"prompt source {str(path)!r} is a directory, not a {fmt} file; name the file, "
+            "or use hf:PATH for a dataset folder"
+        )
     return {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows}.get(fmt, _parquet_rows)(
         path
     )
@@ -369,6 +409,11 @@ def make_source_task(
         raise ValueError(f"unknown verifier {verifier!r}; use one of {', '.join(NEEDS)}")
     if not 0 <= eval_fraction <= 1:
         raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
+    if not 0 < timeout_s <= 3600 or not 1 <= memory_mb <= 2**20:
+        raise ValueError(
+            f"task.options.timeout_s must be in (0, 3600] and memory_mb in 1..{2**20}, "
+            f"got {timeout_s} and {memory_mb}"
+        )
     field_map = Fields.from_options(fields)
     needs = NEEDS[verifier]
     train, skipped = load_items(

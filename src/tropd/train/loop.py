@@ -11,6 +11,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,16 @@ from typing import Any
 import torch
 
 from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch, align_logits
-from tropd.config import GUIDANCE_DEFAULTS, Config, ConfigError, save_config
+from tropd.config import GUIDANCE_DEFAULTS, Config, ConfigError, TaskConfig, save_config
 from tropd.head import HeadLogits, chunked_head_supported, hidden_only
 from tropd.lora import apply_lora, merge_lora
-from tropd.model_names import load_model, load_tokenizer, read_vocab_size, resolve_model_path
+from tropd.model_names import (
+    load_model,
+    load_tokenizer,
+    read_max_positions,
+    read_vocab_size,
+    resolve_model_path,
+)
 from tropd.objectives import Objective, OptionError, get_objective, list_objectives
 from tropd.rollout import GuidancePlan, HFEngine, SamplingParams, collect_rollouts, prefix_cap
 from tropd.rollout.blend import BlendEngine, blend_budget
@@ -61,6 +68,11 @@ class Setup:
     guidance: dict[str, Any] | None = None  # `guidance_settings`, resolved once per run
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot usefully go on (e.g. too many non-finite steps in a row); the message
+    is one line saying why and what to change."""
+
+
 def train(config: Config, resume: bool = False, rank: int = 0, world_size: int = 1) -> Path:
     """Run (or resume) training as configured; returns the run directory.
 
@@ -88,8 +100,10 @@ def train_locked(
         start, skipped = state["step"], state["skipped_steps"]
     main = rank == 0  # writes the logs; every rank trains
     if main:
-        truncate_jsonl(run_dir / "metrics.jsonl", start)
+        # Without a checkpoint, step 0's evaluation runs again: its old line goes too.
+        truncate_jsonl(run_dir / "metrics.jsonl", start if start else -1)
         truncate_jsonl(run_dir / "samples.jsonl", start)
+    in_row = 0  # steps skipped as non-finite since the last good one
     cfg = config.run
     with Progress(cfg.steps, enabled=cfg.progress and rank == 0, start=start) as progress:
         if start == 0 and config.eval.every:
@@ -127,6 +141,14 @@ def train_locked(
             if stopping:
                 raise shutdown.RunStopped(
                     stop.signal or "another process got a signal", step, saved
+                )
+            in_row = in_row + 1 if record["skipped"] else 0
+            if in_row >= config.optim.max_skipped_steps_in_row:
+                raise TrainingStopped(
+                    f"steps {step - in_row + 1}-{step} were all skipped (non-finite loss or "
+                    f"gradient), so {run_dir} stopped with its last checkpoint kept; lower "
+                    "optim.lr or check the data, then --resume (optim.max_skipped_steps_in_row "
+                    "sets how many in a row stop a run)"
                 )
     export_final(setup)
     return run_dir
@@ -188,7 +210,9 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
         setup.optimizer.zero_grad(set_to_none=True)
     else:
         setup.optimizer.step()
-    setup.scheduler.step()
+    with warnings.catch_warnings():  # a skipped first step is not the misuse torch warns of
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+        setup.scheduler.step()
 
     record: dict[str, Any] = {
         "step": step,
@@ -347,6 +371,18 @@ def run_eval(setup: Setup) -> dict[str, float]:
 
 
 def prepare_run_dir(config: Config, resume: bool) -> Path:
+    """`make_run_dir`, a directory that cannot be made (under a file, a name too long,
+    no permission) a one-line `ConfigError`."""
+    try:
+        return make_run_dir(config, resume)
+    except OSError as err:
+        raise ConfigError(
+            f"run.output_dir {config.run.output_dir!r}: cannot write there ({err.strerror}); "
+            "choose another run.output_dir"
+        ) from None
+
+
+def make_run_dir(config: Config, resume: bool) -> Path:
     """Create the run directory; refuse to overwrite a previous run unless resuming."""
     run_dir = Path(config.run.output_dir)
     if not resume and (run_dir / "metrics.jsonl").exists():
@@ -379,6 +415,7 @@ def objective_from_config(config: Config) -> Objective:
 def check_models(config: Config) -> None:
     """Checks that need the models' configs (not their weights). A teacher server is
     checked against the student's tokenizer when the run connects to it."""
+    check_response_budget(config)
     if config.teacher.url:
         return
     vocab_student = _vocab_size(config.model.student, "model.student")
@@ -393,6 +430,21 @@ def check_models(config: Config) -> None:
             f"teacher.top_k: {config.teacher.top_k} exceeds the vocabulary size {vocab_teacher}; "
             f"set teacher.top_k <= {vocab_teacher}"
         )
+
+
+def check_response_budget(config: Config) -> None:
+    """The longest response must leave room for a prompt in each local model's positions
+    (`max_position_embeddings`, where its config says); the prompts themselves are checked
+    once the tokenizer is loaded (`fit_prompts`)."""
+    key = "rollout.max_new_tokens"
+    budget = config.rollout.max_new_tokens
+    if (config.eval.max_new_tokens or 0) > budget:
+        key, budget = "eval.max_new_tokens", config.eval.max_new_tokens
+    names = [config.model.student] + ([] if config.teacher.url else [config.model.teacher])
+    for name in names:
+        positions = read_max_positions(name)
+        if positions is not None:
+            fit_prompts([], [], positions, budget, key, config.task)
 
 
 def _vocab_size(name: str, key: str) -> int:
@@ -452,8 +504,15 @@ def build(config: Config, run_dir: Path) -> Setup:
     train_items = task.items("train", config.run.steps * r.prompts_per_step, seed)
     eval_items = task.items("eval", config.eval.num_prompts, seed)
 
-    def encode(items: list) -> list[list[int]]:
-        return [encode_prompt(tokenizer, item, config.task.system_prompt) for item in items]
+    positions = min(
+        getattr(model.config, "max_position_embeddings", None) or math.inf
+        for model in (student, teacher)
+        if not isinstance(model, RemoteTeacher)
+    )
+
+    def encode(items: list, budget: int, budget_key: str) -> list[list[int]]:
+        prompts = [encode_prompt(tokenizer, item, config.task.system_prompt) for item in items]
+        return fit_prompts(prompts, items, positions, budget, budget_key, config.task)
 
     chunked = (
         config.optim.head_chunk > 0
@@ -472,15 +531,48 @@ def build(config: Config, run_dir: Path) -> Setup:
         optimizer,
         scheduler,
         train_items,
-        encode(train_items),
+        encode(train_items, r.max_new_tokens, "rollout.max_new_tokens"),
         eval_items,
-        encode(eval_items),
+        encode(
+            eval_items,
+            config.eval.max_new_tokens or r.max_new_tokens,
+            "eval.max_new_tokens" if config.eval.max_new_tokens else "rollout.max_new_tokens",
+        ),
         student_ddp=student_ddp,
         sampler=sampler,
         vllm=vllm,
         chunked_head=chunked,
         guidance=guidance_settings(config, objective),
     )
+
+
+def fit_prompts(
+    prompts: list[list[int]],
+    items: list,
+    positions: float,
+    budget: int,
+    budget_key: str,
+    task: TaskConfig,
+) -> list[list[int]]:
+    """`prompts` (token ids) with room for `budget` new tokens within the models'
+    `positions`: a longer prompt loses its first tokens (`task.truncate_prompts: left`)
+    or stops the run with one line naming it (`error`)."""
+    room = positions - budget
+    if room < 1:
+        raise ConfigError(
+            f"{budget_key}: {budget} new tokens leave no room for a prompt in the model's "
+            f"{positions} positions (max_position_embeddings); lower it"
+        )
+    fitted = []
+    for prompt, item in zip(prompts, items, strict=True):
+        if len(prompt) > room and task.truncate_prompts == "error":
+            raise ConfigError(
+                f"task {task.name}: the prompt {item.prompt[:40]!r}... is {len(prompt)} "
+                f"tokens, and with {budget_key} {budget} exceeds the model's {positions} "
+                "positions; shorten it, lower the budget, or set task.truncate_prompts: left"
+            )
+        fitted.append(prompt[-int(room) :] if len(prompt) > room else prompt)
+    return fitted
 
 
 def choose_sampler(config: Config, objective: Objective) -> str:
