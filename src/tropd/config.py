@@ -158,7 +158,7 @@ class GuidanceConfig(_Section):
         None,
         ge=0,
         le=1,
-        description="share of each prompt's rollouts that get a prefix; "
+        description="share of the step's rollouts that get a prefix, spread evenly over prompts; "
         "null: the objective's (tropd: 0.5), else 1",
     )
     temperature: float = Field(1.0, gt=0, description="teacher sampling temperature")

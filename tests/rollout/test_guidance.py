@@ -139,30 +139,40 @@ def test_uniform_mode_is_reproducible_from_the_rng() -> None:
 
 
 @pytest.mark.parametrize(
-    ("samples_per_prompt", "fraction", "guided_per_prompt"),
+    ("num_prompts", "samples_per_prompt", "fraction", "guided_total"),
     [
-        (4, 0.0, 0),
-        (4, 0.25, 1),
-        (4, 0.3, 1),  # round(1.2)
-        (4, 0.5, 2),
-        (4, 0.4, 2),  # round(1.6)
-        (4, 0.75, 3),
-        (4, 1.0, 4),
-        (3, 0.5, 2),  # round(1.5)
-        (5, 0.6, 3),
-        (1, 1.0, 1),
+        (6, 4, 0.0, 0),
+        (6, 4, 0.25, 6),
+        (6, 4, 0.3, 7),  # 7.2 rollouts
+        (6, 4, 0.5, 12),
+        (6, 4, 0.4, 10),  # 9.6
+        (6, 4, 0.75, 18),
+        (6, 4, 1.0, 24),
+        (6, 3, 0.5, 9),
+        (6, 5, 0.6, 18),
+        (6, 1, 1.0, 6),
+        (6, 1, 0.5, 3),  # one sample per prompt: half the prompts, not none
+        (5, 1, 0.5, 3),  # 2.5 rounds half up
+        (7, 2, 0.25, 4),  # 3.5
     ],
 )
-def test_each_prompt_gets_round_fraction_guided_rollouts(
-    samples_per_prompt: int, fraction: float, guided_per_prompt: int
+def test_the_step_gets_its_fraction_of_guided_rollouts_spread_evenly(
+    num_prompts: int, samples_per_prompt: int, fraction: float, guided_total: int
 ) -> None:
-    num_prompts = 6
-    flags = guided_rows(num_prompts, samples_per_prompt, fraction, random.Random(0))
-    assert len(flags) == num_prompts * samples_per_prompt
-    assert guided_per_prompt == round(fraction * samples_per_prompt)
-    for p in range(num_prompts):
-        block = flags[p * samples_per_prompt : (p + 1) * samples_per_prompt]
-        assert sum(block) == guided_per_prompt
+    for seed in range(5):
+        flags = guided_rows(num_prompts, samples_per_prompt, fraction, random.Random(seed))
+        assert len(flags) == num_prompts * samples_per_prompt
+        assert sum(flags) == guided_total
+        per_prompt = [
+            sum(flags[p * samples_per_prompt : (p + 1) * samples_per_prompt])
+            for p in range(num_prompts)
+        ]
+        assert max(per_prompt) - min(per_prompt) <= (guided_total % num_prompts > 0)
+
+
+def test_with_one_sample_per_prompt_the_guided_prompts_vary() -> None:
+    draws = {tuple(guided_rows(6, 1, 0.5, random.Random(seed))) for seed in range(20)}
+    assert len(draws) > 5  # random prompts, not "the first half"
 
 
 def test_guided_rollouts_are_chosen_at_random_within_each_prompt() -> None:

@@ -213,7 +213,7 @@ def gkd(student_logits, batch: TokenBatch, opt: dict[str, Any]) -> MethodResult:
 
     GKD's on-policy fraction λ is set by the rollout, not here: with `guidance.enabled:
     true`, `guidance.schedule: constant` and `guidance.guided_fraction: 1 - λ`, that share
-    of each prompt's rollouts is a whole teacher-written response.
+    of the step's rollouts is a whole teacher-written response.
     """
     trained = batch.response_mask
     divergence = topk_generalized_jsd(

@@ -46,11 +46,19 @@ def prefix_lengths(
 def guided_rows(
     num_prompts: int, samples_per_prompt: int, fraction: float, rng: random.Random
 ) -> list[bool]:
-    """Which rollouts get a prefix: `round(fraction * n)` of the n rollouts of each prompt,
-    chosen at random. Rows are ordered prompt-major (prompt i owns rows i*n .. i*n+n-1)."""
-    per_prompt = round(fraction * samples_per_prompt)
+    """Which rollouts get a prefix: `fraction` of the step's rollouts (rounded half up),
+    spread over the prompts as evenly as they divide: each prompt gets `total // prompts`
+    of its rollouts, and `total % prompts` prompts chosen at random get one more (so one
+    sample per prompt and fraction 0.5 guide half the prompts, not none). Within a prompt
+    the guided rollouts are chosen at random. Rows are ordered prompt-major (prompt i owns
+    rows i*n .. i*n+n-1)."""
+    total = math.floor(fraction * num_prompts * samples_per_prompt + 0.5)
+    base, extra = divmod(total, num_prompts)
+    # Drawn only when the share does not divide evenly, so the draws of the even case
+    # (e.g. 2 of 4 samples) do not depend on this step.
+    one_more = set(rng.sample(range(num_prompts), extra)) if extra else set()
     flags = []
-    for _ in range(num_prompts):
-        chosen = set(rng.sample(range(samples_per_prompt), per_prompt))
+    for p in range(num_prompts):
+        chosen = set(rng.sample(range(samples_per_prompt), base + (p in one_more)))
         flags.extend(j in chosen for j in range(samples_per_prompt))
     return flags
