@@ -7,6 +7,7 @@ A path is a local directory saved with `save_pretrained`, a Hugging Face hub id,
 `tropd.model_names`.
 """
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -100,6 +101,14 @@ def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def forward_precision(autocast: str, device: torch.device) -> AbstractContextManager:
+    """The context forward passes on `device` run in for `model.autocast`: bfloat16
+    autocast (`"bf16"`) or none (`"none"`). A fresh context per call."""
+    if autocast == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def load_pretrained(path: str, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:

@@ -40,15 +40,16 @@ def score_batch(
     predicting = predicting_states(model, batch, positions)
     for start in range(0, n, chunk_size):
         part = slice(start, start + chunk_size)
-        logits = head_logits(model, predicting[part])
-        lse = logits.logsumexp(-1, keepdim=True)
-        token_lp[part] = (logits.gather(-1, targets[part, None]) - lse).squeeze(-1)
-        if top_k:
-            top = logits.topk(top_k, dim=-1)
-            top_lp[part], top_ids[part] = top.values - lse, top.indices
-        if entropy:
-            probs = (logits - lse).exp_()
-            ent[part] = lse.squeeze(-1) - torch.linalg.vecdot(probs, logits)
+        logits = head_logits(model, predicting[part])  # fp32 (a bf16 product under autocast)
+        with torch.autocast(device.type, enabled=False):  # the rest in fp32
+            lse = logits.logsumexp(-1, keepdim=True)
+            token_lp[part] = (logits.gather(-1, targets[part, None]) - lse).squeeze(-1)
+            if top_k:
+                top = logits.topk(top_k, dim=-1)
+                top_lp[part], top_ids[part] = top.values - lse, top.indices
+            if entropy:
+                probs = (logits - lse).exp_()
+                ent[part] = lse.squeeze(-1) - torch.linalg.vecdot(probs, logits)
         del logits  # the next chunk is formed before this name would be rebound
 
     def scatter(values: torch.Tensor, *tail: int, dtype=torch.float32) -> torch.Tensor:
