@@ -40,11 +40,18 @@ generate (sampling, incl. packing), teacher (teacher forward; for `trl-distill` 
 backbone, its LM head runs inside the chunked loss, counted in train), train (student
 forward, loss and backward), optimizer (clipping, AdamW, scheduler), other (the rest).
 
+Shapes. `--shapes` names built-in shapes (random-weight Qwen2s; `gqa` differs from the
+anchor in every dimension) or defines new ones (`SHAPE_HELP`); `smollm2` runs the real
+SmolLM2-135M-Instruct (GGUF) teacher, its 20-layer pruned student, the real tokenizer and
+chat-formatted reasoning-gym prompts. `--precision bf16` runs tropd with
+`model.autocast=bf16` and TRL with `bf16=True`, and measures the bf16 matmul peak.
+
 MFU. Model FLOPs per step are counted analytically and are the same for every system:
 `step_flops` below (the work of on-policy distillation with the student writing the whole
 response), divided by the step time and by the fp32 matmul peak measured in the run.
 `tropd-tropd` does more work than that count (the larger teacher writes half of each
-response), so its MFU is understated by the same count.
+response), so its MFU is understated by the same count. The phase table also gives each
+phase's time over its FLOP floor (`phase_flops` at the measured peak).
 """
 
 from __future__ import annotations
