@@ -4,6 +4,7 @@ a full forward over every row to float32 rounding."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -119,3 +120,26 @@ def test_another_models_cache_is_ignored(models) -> None:
     assert not batch.teacher_cache.used
     torch.testing.assert_close(scored.teacher_logprobs, full.teacher_logprobs, rtol=0, atol=0)
     assert teacher is not student
+
+
+def test_a_teacher_that_stops_early_leaves_a_cache_that_matches(models) -> None:
+    """Every guided row ends with EOS before the budget, so the generation loop stops early
+    (its last step's tokens never enter the cache); scores still equal a full forward."""
+    teacher, student, tok = models
+    eager = copy.deepcopy(teacher)
+    head = torch.nn.Linear(eager.config.hidden_size, eager.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(eager.get_output_embeddings().weight)
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = 4.0  # EOS about every other token
+    eager.set_output_embeddings(head)
+    batch = guided_batch((eager, student, tok), PLANS["relative-uniform"], 5)
+    assert batch.teacher_cache.state.hidden.shape[1] < MAX_NEW
+    full = score_batch(eager, batch.replace(teacher_cache=None), top_k=5)
+    cached = score_batch(eager, batch, top_k=5)
+    assert batch.teacher_cache.used
+    response = batch.response_mask
+    for name in FIELDS:
+        torch.testing.assert_close(
+            getattr(cached, name)[response], getattr(full, name)[response], rtol=0, atol=ATOL
+        )
