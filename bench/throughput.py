@@ -1031,7 +1031,7 @@ def report(
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--shapes", nargs="+", default=[",".join(n for n in SHAPES if n != "gqa")], help=SHAPE_HELP
+        "--shapes", nargs="+", default=[",".join(SHAPES)], help=SHAPE_HELP
     )
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"of {', '.join(SYSTEMS)}")
     parser.add_argument(
