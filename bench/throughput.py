@@ -1030,9 +1030,7 @@ def report(
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--shapes", nargs="+", default=[",".join(SHAPES)], help=SHAPE_HELP
-    )
+    parser.add_argument("--shapes", nargs="+", default=[",".join(SHAPES)], help=SHAPE_HELP)
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"of {', '.join(SYSTEMS)}")
     parser.add_argument(
         "--reps", type=int, default=None, help="repetitions per shape (default: 3 anchor, 2 others)"
