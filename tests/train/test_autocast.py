@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from tropd.config import load_config
-from tropd.models import forward_precision
+from tropd.models import forward_precision, native_bf16
 from tropd.objectives import get_objective
 from tropd.teacher import score_batch
 from tropd.train import loop
@@ -129,7 +130,9 @@ def test_a_bf16_run_trains_float32_weights_with_a_bf16_teacher(tiny_pair, tmp_pa
             "rollout.max_new_tokens=6",
         ],
     )
-    setup = loop.build(config, tmp_path / "run")
+    emulated = not native_bf16(torch.device("cpu"))  # then the run warns that it is slow
+    with pytest.warns(UserWarning, match="model.autocast") if emulated else nullcontext():
+        setup = loop.build(config, tmp_path / "run")
     before = [p.detach().clone() for p in setup.student.parameters()]
     record = loop.train_step(setup, 1, 0, 1)
     assert math.isfinite(record["loss"]) and not record["skipped"]
@@ -137,3 +140,16 @@ def test_a_bf16_run_trains_float32_weights_with_a_bf16_teacher(tiny_pair, tmp_pa
     after = list(setup.student.parameters())
     assert all(p.dtype == torch.float32 for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("fpu avx512f avx512_bf16 avx512_vnni", True),
+        ("fpu amx_tile amx_bf16", True),
+        ("fpu avx2", False),
+    ],
+)
+def test_bf16_hardware_is_read_from_the_cpu_flags(flags: str, native: bool) -> None:
+    cpuinfo = f"processor\t: 0\nflags\t\t: {flags}\n"
+    assert native_bf16(torch.device("cpu"), cpuinfo) is native

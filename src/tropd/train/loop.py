@@ -29,7 +29,7 @@ from tropd.model_names import (
     read_vocab_size,
     resolve_model_path,
 )
-from tropd.models import forward_precision
+from tropd.models import forward_precision, native_bf16
 from tropd.objectives import Objective, OptionError, get_objective, list_objectives
 from tropd.rollout import GuidancePlan, HFEngine, SamplingParams, collect_rollouts, prefix_cap
 from tropd.rollout.blend import BlendEngine, blend_budget
@@ -469,6 +469,12 @@ def build(config: Config, run_dir: Path) -> Setup:
     task = get_task(config.task.name, **config.task.options)
     m = config.model
     student = load_model(m.student, m.dtype, m.device)
+    if m.autocast == "bf16" and not native_bf16(device_of(student)):
+        warnings.warn(
+            "model.autocast: bf16 on a device without bf16 matrix units (AVX512-BF16/AMX, or "
+            "a bf16 GPU) is emulated and slower than float32; set model.autocast=none",
+            stacklevel=2,
+        )
     if config.lora.enabled:
         lora = config.lora
         apply_lora(student, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
