@@ -106,9 +106,12 @@ def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
 def native_bf16(device: torch.device, cpuinfo: str | None = None) -> bool:
     """Whether `device` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports
     bf16, or a CPU whose flags (`/proc/cpuinfo`, or `cpuinfo` text) include AVX512-BF16 or
-    AMX-BF16. Elsewhere torch emulates bf16 products, slower than float32."""
+    AMX-BF16 (other accelerators are assumed to). Elsewhere torch emulates bf16 products,
+    slower than float32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return True
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
