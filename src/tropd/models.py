@@ -7,6 +7,7 @@ A path is a local directory saved with `save_pretrained`, a Hugging Face hub id,
 `tropd.model_names`.
 """
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -100,6 +101,32 @@ def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def native_bf16(device: torch.device, cpuinfo: str | None = None) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports
+    bf16, or a CPU whose flags (`/proc/cpuinfo`, or `cpuinfo` text) include AVX512-BF16 or
+    AMX-BF16 (other accelerators are assumed to). Elsewhere torch emulates bf16 products,
+    slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return True
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: unknown, assume it does
+            return True
+    flags = set(cpuinfo.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def forward_precision(autocast: str, device: torch.device) -> AbstractContextManager:
+    """The context forward passes on `device` run in for `model.autocast`: bfloat16
+    autocast (`"bf16"`) or none (`"none"`). A fresh context per call."""
+    if autocast == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def load_pretrained(path: str, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:

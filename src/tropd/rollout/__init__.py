@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch
-from tropd.rollout.engine import Engine, Generation, HFEngine, SamplingParams
+from tropd.rollout.engine import DecodeState, Engine, Generation, HFEngine, SamplingParams
 from tropd.rollout.guidance import guided_rows, prefix_cap, prefix_lengths
 
 
@@ -25,6 +25,17 @@ class GuidancePlan:
     temperature: float = 1.0
     relative: bool = False
     full_prefix: bool = True
+
+
+@dataclass
+class TeacherCache:
+    """The teacher's `DecodeState` from writing the prefixes; its row j is batch row
+    `rows[j]`. Read once (`tropd.teacher.score_batch` extends the cache in place and sets
+    `used`)."""
+
+    state: DecodeState
+    rows: list[int]
+    used: bool = False
 
 
 def collect_rollouts(
@@ -44,11 +55,14 @@ def collect_rollouts(
     (origin TEACHER) and the student continues (origin STUDENT) within the remaining
     budget `params.max_new_tokens - len(prefix)`. A prefix that ends with the teacher's
     EOS makes the rollout fully off-policy (never so without `guidance.full_prefix`).
-    Rows are prompt-major; `group` holds each row's prompt index.
+    Rows are prompt-major; `group` holds each row's prompt index. A teacher engine that
+    can keep its KV cache (`HFEngine.generate_keeping_state`) leaves it on the batch
+    (`teacher_cache`) for `tropd.teacher.score_batch`.
     """
     rng = rng or random.Random(0)
     rows = [p for p in prompts for _ in range(samples_per_prompt)]
     prefixes: list[Generation] = [Generation([], [], False) for _ in rows]
+    cache = None
     on = guidance is not None and guidance.cap > 0 and (guidance.relative or guidance.cap >= 1)
     if teacher is not None and on:
         guided = guided_rows(len(prompts), samples_per_prompt, guidance.fraction, rng)
@@ -57,10 +71,15 @@ def collect_rollouts(
         # token past an absolute cap tells whether the response ends within it.
         budget = int(guidance.cap) + (not guidance.full_prefix)
         budget = params.max_new_tokens if guidance.relative else budget
-        written = teacher.generate(
+        request = (
             [rows[i] for i in picked],
             SamplingParams(min(budget, params.max_new_tokens), guidance.temperature, 1.0),
         )
+        if keeping := getattr(teacher, "generate_keeping_state", None):
+            written, state = keeping(*request)
+            cache = TeacherCache(state, picked) if state is not None else None
+        else:
+            written = teacher.generate(*request)
         keep = prefix_lengths(
             [len(g.tokens) for g in written],
             guidance.cap,
@@ -114,6 +133,7 @@ def collect_rollouts(
         attention_mask=attention,
         sampler_logprobs=sampler_lp,
         group=group,
+        teacher_cache=cache,
     )
 
 
@@ -123,6 +143,7 @@ __all__ = [
     "GuidancePlan",
     "HFEngine",
     "SamplingParams",
+    "TeacherCache",
     "collect_rollouts",
     "prefix_cap",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -42,6 +42,24 @@ def per_prompt(params: SamplingParams | list[SamplingParams], n: int) -> list[Sa
     return params if isinstance(params, list) else [params] * n
 
 
+@dataclass
+class DecodeState:
+    """What a model's `decode` loop leaves behind, for scoring its own tokens without
+    recomputing them (`tropd.teacher.score_batch`).
+
+    Rows are the prompts' order. `cache`: the model's KV cache; `attention [N, C]`: 1 where
+    cache column c holds a real token (prompts left-padded to `prompt_width`, generated
+    token k in column `prompt_width + k`; the last sampled token is not in it);
+    `hidden [N, S, H]`: the final hidden state of each of the S steps (step k's predicts
+    generated token k), to which the LM head is applied as the model would."""
+
+    model: Any
+    cache: Any
+    attention: torch.Tensor
+    hidden: torch.Tensor
+    prompt_width: int
+
+
 class HFEngine:
     """Batched sampling from a Hugging Face causal LM with its KV cache, recording the
     sampler's log-probs.
@@ -60,10 +78,30 @@ class HFEngine:
     def generate(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
     ) -> list[Generation]:
-        def pick(logits: list[torch.Tensor], p: SamplingParams):
-            return sample_tokens(logits[0], p.temperature, p.top_p)
+        return decode(
+            [self.model], prompts, params, self.pad_token_id, self.eos_token_id, _sample_one
+        )
 
-        return decode([self.model], prompts, params, self.pad_token_id, self.eos_token_id, pick)
+    @torch.no_grad()
+    def generate_keeping_state(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> tuple[list[Generation], DecodeState | None]:
+        """`generate`, plus the model's `DecodeState` where its head can be applied apart
+        from its forward (`chunked_head_supported`; None otherwise, or without prompts)."""
+        return _decode(
+            [self.model],
+            prompts,
+            params,
+            self.pad_token_id,
+            self.eos_token_id,
+            _sample_one,
+            keep=True,
+        )
+
+
+def _sample_one(logits: list[torch.Tensor], params: SamplingParams):
+    """The `Picker` of a single model: `sample_tokens` from its logits."""
+    return sample_tokens(logits[0], params.temperature, params.top_p)
 
 
 Picker = Callable[[list[torch.Tensor], SamplingParams], tuple[torch.Tensor, torch.Tensor]]
@@ -84,9 +122,23 @@ def decode(
     EOS or its own budget. The loop stops when every row has finished; ranks of a sharded
     model instead run the same number of steps (each forward is a collective), and a rank
     without prompts joins with one dummy row."""
+    return _decode(models, prompts, params, pad_token_id, eos_token_id, pick)[0]
+
+
+def _decode(
+    models: list,
+    prompts: list[list[int]],
+    params: SamplingParams | list[SamplingParams],
+    pad_token_id: int,
+    eos_token_id: int,
+    pick: Picker,
+    keep: bool = False,
+) -> tuple[list[Generation], DecodeState | None]:
+    """`decode`, and with `keep` the first model's `DecodeState` (None where it cannot be
+    kept: no prompts, a sharded model, or a head applied inside the model's forward)."""
     synced = any(is_sharded(m) for m in models)
     if not prompts and not synced:
-        return []
+        return [], None
     per_row = per_prompt(params, len(prompts))
     budget = max((p.max_new_tokens for p in per_row), default=0)
     if synced:
@@ -99,11 +151,16 @@ def decode(
     for m in models:
         m.eval()
     steppers = [_Stepper(m, local=not synced) for m in models]
+    width = inputs.shape[1]
+    keep = keep and bool(prompts) and steppers[0].head is not None
+    if keep:
+        steppers[0].hidden = []
     finished = torch.zeros(len(inputs), dtype=torch.bool, device=device)
     tokens, logprobs = [], []
     for _ in range(budget):
         positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1] :]
         logits = [stepper(inputs, attention, positions) for stepper in steppers]
+        cached = attention  # the columns the caches now hold
         token, logprob = pick(logits, first)
         tokens.append(token)
         logprobs.append(logprob)
@@ -115,9 +172,13 @@ def decode(
     for m, mode in zip(models, modes, strict=True):
         m.train(mode)
     if not prompts:
-        return []
+        return [], None
     if not tokens:  # a budget of 0 tokens
-        return [Generation([], [], False) for _ in prompts]
+        return [Generation([], [], False) for _ in prompts], None
+    state = None
+    if keep:
+        hidden = torch.stack(steppers[0].hidden, 1)
+        state = DecodeState(models[0], steppers[0].cache, cached, hidden, width)
     new = torch.stack(tokens, 1).cpu()
     recorded = torch.stack(logprobs, 1).float().cpu()
     results = []
@@ -127,7 +188,7 @@ def decode(
         results.append(
             Generation(row[:stop], recorded[i, :stop].tolist(), eos_token_id in row[:stop])
         )
-    return results
+    return results, state
 
 
 class _Stepper:
@@ -138,10 +199,8 @@ class _Stepper:
 
     def __init__(self, model, local: bool):
         self.model, self.cache = model, None
-        # transformers 5 names the KV cache `cache` (`past_key_values` is a deprecated
-        # alias there, with a warning per call); 4.x knows only `past_key_values`.
-        accepted = inspect.signature(model.forward).parameters
-        self.cache_name = "cache" if "cache" in accepted else "past_key_values"
+        self.hidden: list[torch.Tensor] | None = None  # final hidden states, when kept
+        self.cache_name = cache_argument(model)
         self.head = (
             model.get_output_embeddings() if local and chunked_head_supported(model) else None
         )
@@ -160,7 +219,18 @@ class _Stepper:
             return out.logits[:, -1].float()
         out = hidden_only(self.model, **step)
         self.cache = out[self.cache_name]
-        return lm_head(out.hidden_states[-1][:, -1], self.head.weight, self.head.bias).float()
+        last = out.hidden_states[-1][:, -1]
+        if self.hidden is not None:
+            self.hidden.append(last)
+        return lm_head(last, self.head.weight, self.head.bias).float()
+
+
+def cache_argument(model) -> str:
+    """The name of `model.forward`'s KV-cache argument: transformers 5 names it `cache`
+    (`past_key_values` is a deprecated alias there, with a warning per call); 4.x knows
+    only `past_key_values`."""
+    accepted = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in accepted else "past_key_values"
 
 
 def sample_tokens(

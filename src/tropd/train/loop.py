@@ -20,7 +20,7 @@ import torch
 
 from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch, align_logits
 from tropd.config import GUIDANCE_DEFAULTS, Config, ConfigError, TaskConfig, save_config
-from tropd.head import HeadLogits, chunked_head_supported, hidden_only
+from tropd.head import HeadLogits, autocast_dtype, chunked_head_supported, hidden_only
 from tropd.lora import apply_lora, merge_lora
 from tropd.model_names import (
     load_model,
@@ -29,6 +29,7 @@ from tropd.model_names import (
     read_vocab_size,
     resolve_model_path,
 )
+from tropd.models import forward_precision, native_bf16
 from tropd.objectives import Objective, OptionError, get_objective, list_objectives
 from tropd.rollout import GuidancePlan, HFEngine, SamplingParams, collect_rollouts, prefix_cap
 from tropd.rollout.blend import BlendEngine, blend_budget
@@ -164,11 +165,14 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     prompt_items = prompts_for_step(
         setup.train_items, step, config.rollout.prompts_per_step, rank, world_size
     )
-    batch, cap = rollout(setup, prompts, step, rank, world_size)
+    autocast = config.model.autocast
+    with forward_precision(autocast, device_of(student)):
+        batch, cap = rollout(setup, prompts, step, rank, world_size)
     if setup.objective.needs_reward:
         batch = batch.replace(reward=verify(setup, batch, prompt_items))
     generated = time.perf_counter()
-    batch = score_teacher(setup, batch)
+    with forward_precision(autocast, device_of(student)):
+        batch = score_teacher(setup, batch)
     scored = time.perf_counter()
 
     student.train()
@@ -186,7 +190,8 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     losses, parts = [], []  # parts: each micro-batch's (metrics, weights)
     for begin in range(0, len(batch), size):
         micro = batch.select(slice(begin, begin + size)).trim()
-        logits = student_logits(setup, forward, micro)
+        with forward_precision(autocast, device_of(student)):
+            logits = student_logits(setup, forward, micro)
         out = setup.objective(
             logits,
             micro,
@@ -239,14 +244,17 @@ def student_logits(setup: Setup, forward, micro: TokenBatch):
     """The student's logits for the objective: a `HeadLogits` (hidden states and the LM
     head, evaluated chunk by chunk at response positions) on the fast path, else the
     aligned `[B, T, V]` logits. The forward goes through `forward` (the DDP wrapper when
-    there is one) either way."""
+    there is one) either way. Under `model.autocast` the head's products run in bfloat16
+    too (the objective itself runs outside autocast, in fp32)."""
     if not setup.chunked_head:
         out = forward(input_ids=micro.tokens, attention_mask=micro.attention_mask)
         return align_logits(out.logits)
     out = hidden_only(forward, input_ids=micro.tokens, attention_mask=micro.attention_mask)
     head = setup.student.get_output_embeddings()
     chunk = setup.config.optim.head_chunk
-    return HeadLogits(out.hidden_states[-1], head.weight, head.bias, micro.response_mask, chunk)
+    hidden = out.hidden_states[-1]
+    low = autocast_dtype(hidden.device)
+    return HeadLogits(hidden, head.weight, head.bias, micro.response_mask, chunk, low)
 
 
 def rollout(
@@ -461,6 +469,12 @@ def build(config: Config, run_dir: Path) -> Setup:
     task = get_task(config.task.name, **config.task.options)
     m = config.model
     student = load_model(m.student, m.dtype, m.device)
+    if m.autocast == "bf16" and not native_bf16(device_of(student)):
+        warnings.warn(
+            "model.autocast: bf16 on a device without bf16 matrix units (AVX512-BF16/AMX, or "
+            "a bf16 GPU) is emulated and slower than float32; set model.autocast=none",
+            stacklevel=2,
+        )
     if config.lora.enabled:
         lora = config.lora
         apply_lora(student, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
@@ -482,7 +496,11 @@ def build(config: Config, run_dir: Path) -> Setup:
             )
         teacher = connect_teacher(config.teacher, m.teacher, tokenizer)
     else:
-        teacher = load_model(m.teacher, m.dtype, m.device)
+        # Under bf16 autocast every product would round the frozen teacher's weights to
+        # bf16 anyway; holding them so saves that cast at each forward (a decoding step's
+        # cost would double: autocast caches casts only of weights that train).
+        dtype = "bfloat16" if m.autocast == "bf16" else m.dtype
+        teacher = load_model(m.teacher, dtype, m.device)
         teacher.requires_grad_(False).eval()
     o = config.optim
     trained = [p for p in student.parameters() if p.requires_grad]
