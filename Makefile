@@ -1,4 +1,6 @@
-# `make demo` installs everything and runs the OPD-vs-TrOPD demo; `make test` runs the tests.
+# `make demo` installs tropd with its plot extra and runs the OPD-vs-TrOPD demo; `make test`
+# installs the development extras (.[dev]) and runs the tests. Each install is done once
+# (its marker file), again when pyproject.toml changes.
 PYTHON ?= python3
 VENV ?= .venv
 # torch 2.13.0: a CPU build on CPU-only machines set up like ours, the usual CUDA build elsewhere.
@@ -6,17 +8,26 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo bench bench-memory bench-claim test test-fast lint smollm2
+.PHONY: install install-demo demo bench bench-memory bench-claim test test-fast lint smollm2
 install: $(VENV)/.installed
+install-demo: $(VENV)/.installed-demo
 
-$(VENV)/.installed: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+
+# Only what the demo needs: tropd (with the shipped models) and matplotlib for its plots.
+$(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[plot]"
+	touch $@
+
+# Everything the tests use, on top of the demo's install.
+$(VENV)/.installed: pyproject.toml $(VENV)/.installed-demo
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-# OPD vs TrOPD on the `chain` task under strong teacher/student style mismatch (tropd demo).
-demo: install
+# OPD vs TrOPD on the `chain` task, the control and strong style mismatch (tropd demo).
+demo: install-demo
 	$(BIN)/tropd demo --out runs/demo-$(RUN_ID)
 
 # tropd vs TRL (DistillationTrainer, GKD) step throughput on CPU; writes bench/results/throughput/.

@@ -1,5 +1,5 @@
 """Command line: `tropd train`, `tropd eval`, `tropd prune`, `tropd demo`, `tropd plot`,
-`tropd objectives`, `tropd config`, `tropd --version`.
+`tropd models`, `tropd objectives`, `tropd config`, `tropd --version`.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config, 75 (EX_TEMPFAIL)
 `tropd train` stopped by SIGTERM or SIGINT after the step in progress and its checkpoint
@@ -111,6 +111,23 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("--out", required=True, help="folder for the PNGs")
     plot.add_argument("--title", default=None)
 
+    models = commands.add_parser("models", help="list or rebuild the shipped built-in models")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models_list = models_commands.add_parser(
+        "list", help="name, recipe key, accuracy, size, shipped/cached"
+    )
+    models_list.add_argument("--json", action="store_true", help="print JSON instead")
+    models_build = models_commands.add_parser(
+        "build", help="rebuild models with their recipes (default: all, into the package)"
+    )
+    models_build.add_argument("names", nargs="*", help="models to build (tropd models list)")
+    models_build.add_argument(
+        "--force", action="store_true", help="rebuild even if built with today's recipe"
+    )
+    models_build.add_argument(
+        "--out", default=None, help="folder to build into (default: the package's shipped/)"
+    )
+
     commands.add_parser("objectives", help="list the methods and their options")
     commands.add_parser("config", help="print every config key, its default and meaning")
 
@@ -126,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             "serve-teacher": _serve_teacher,
             "demo": _demo,
             "plot": _plot,
+            "models": _models,
         }
         if args.command in commands:
             return commands[args.command](args, console)
@@ -335,6 +353,51 @@ def _plot(args: argparse.Namespace, console: Console) -> int:
 
     written = plot_runs(args.runs, args.out, title=args.title)
     console.print(f"[green]done:[/] {len(written)} PNGs in {args.out}")
+    return EXIT_OK
+
+
+def _models(args: argparse.Namespace, console: Console) -> int:
+    from tropd.recipes import cache
+    from tropd.recipes.shipped import build_models, model_rows
+
+    def accuracy(value: float | None) -> str:
+        return "—" if value is None else f"{value:.3f}"
+
+    if args.models_command == "list":
+        rows = model_rows()
+        if args.json:
+            Console().print_json(json.dumps(rows))
+            return EXIT_OK
+        table = Table(title="tropd's built-in models (builtin:<task>:<role>, the demo's chain)")
+        for column in ("name", "recipe key", "accuracy", "size", "shipped", "cached"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            size = row["size_bytes"]
+            table.add_row(
+                row["name"],
+                row["key"],
+                accuracy(row["accuracy"]),
+                "—" if size is None else f"{size / 2**20:.2f} MiB",
+                "yes" if row["shipped"] else "no",
+                "yes" if row["cached"] else "no",
+            )
+        Console().print(table)
+        return EXIT_OK
+    out = args.out or cache.SHIPPED_DIR
+    rows = build_models(args.names, out, force=args.force)
+    table = Table(title=f"built models in {out}")
+    for column in ("name", "recipe key", "shipped accuracy", "accuracy", "train s", "built"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            row["key"],
+            accuracy(row["shipped_accuracy"]),
+            accuracy(row["accuracy"]),
+            f"{row['train_seconds']:.0f}",
+            "built" if row["built"] else "kept (today's recipe; --force rebuilds)",
+        )
+    Console().print(table)
     return EXIT_OK
 
 

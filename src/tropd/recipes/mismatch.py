@@ -26,15 +26,14 @@ is a smaller Llama trained to convergence on the same problems with two differen
 Where the student writes `backward`, it gives the teacher's first token almost no
 probability and the teacher gives the student's almost none: outliers of style, beside
 the slip's outliers of knowledge. `measure_mismatch` reports how far apart a pair
-starts. Models are cached like the other built-in models (`tropd.recipes.cache`): under
-a hash of the recipe and task options, built in a temporary folder and renamed.
+starts. Models are shipped and cached like the other built-in models
+(`tropd.recipes.cache`): keyed by a hash of the recipe and task options.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from tropd.recipes.cache import build_cached, default_cache_dir
+from tropd.recipes.cache import ModelSpec, prepare_model, recipe_key, write_record
 from tropd.recipes.sft import sft_build
 from tropd.rollout import HFEngine, SamplingParams, collect_rollouts
 from tropd.tasks import Item
@@ -114,33 +113,40 @@ def cell_task(mismatch: str) -> ChainTask:
     return ChainTask(domains=MULTI_DOMAINS) if mismatch == "multi" else ChainTask()
 
 
+def chain_spec(
+    recipe: ChainRecipe, task: ChainTask | None = None, name: str = "chain"
+) -> ModelSpec:
+    """The model `recipe` makes for `task` (default `ChainTask()`): cached as
+    `<name>-<style>-<hash of recipe and task options>`."""
+    task = (task or ChainTask()).with_style(recipe.style)
+    spec = {"format": RECIPE_FORMAT, "task": _set_fields(task), "recipe": _set_fields(recipe)}
+    key = recipe_key(spec)
+
+    def build(out_dir: Path, console: Console) -> None:
+        record = _build(task, recipe, out_dir, console)
+        write_record(out_dir, key, {**spec, "recipe": dataclasses.asdict(recipe), **record})
+
+    return ModelSpec(
+        f"{name}-{recipe.style}-{key}", key, build, f"{name} model ({recipe.style} style)"
+    )
+
+
 def prepare_chain_model(
     recipe: ChainRecipe,
     task: ChainTask | None = None,
     cache_dir: Path | None = None,
     name: str = "chain",
 ) -> Path:
-    """The directory of the model `recipe` makes for `task` (default `ChainTask()`),
-    built on first use.
+    """The directory of the model `recipe` makes for `task` (default `ChainTask()`): the
+    shipped copy when its recipe key matches, else built on first use into the cache
+    (`tropd.recipes.cache.prepare_model`).
 
-    `<cache_dir>/<name>-<style>-<hash of recipe and task options>` holds the model, its
-    tokenizer and `recipe.json` (recipe, task options, measured eval accuracy and
-    training time). It is built in a temporary sibling and moved into place with one
-    `os.replace`, so an interrupted or concurrent build never leaves a partial folder.
+    It holds the model, its tokenizer and `recipe.json` (recipe, key, task options,
+    measured eval accuracy, training time, sha256 of the weights). A build happens in a
+    temporary sibling moved into place with one `os.replace`, so an interrupted or
+    concurrent build never leaves a partial folder.
     """
-    task = (task or ChainTask()).with_style(recipe.style)
-    spec = {"format": RECIPE_FORMAT, "task": _set_fields(task), "recipe": _set_fields(recipe)}
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final_dir = cache_dir / f"{name}-{recipe.style}-{key}"
-    if (final_dir / "recipe.json").is_file():
-        return final_dir
-
-    def build(out_dir: Path, console: Console) -> None:
-        record = _build(task, recipe, out_dir, console)
-        (out_dir / "recipe.json").write_text(json.dumps({**spec, **record}, indent=2) + "\n")
-
-    return build_cached(final_dir, build, f"{name} model ({recipe.style} style)")
+    return prepare_model(chain_spec(recipe, task, name), cache_dir)
 
 
 @dataclass(frozen=True)
