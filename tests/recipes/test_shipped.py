@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 from conftest import one_line
@@ -160,3 +164,22 @@ def test_a_rebuild_reaches_the_recorded_accuracy(tmp_path):
     p, n = recorded["eval_accuracy"], recorded["eval_items"]
     assert row["built"] and row["shipped_accuracy"] == p
     assert abs(row["accuracy"] - p) <= 4 * math.sqrt(p * (1 - p) / n)
+
+
+def test_the_wheel_carries_every_shipped_file(tmp_path):
+    """`pip install .` (not editable) installs the shipped models: the wheel built from the
+    sources holds every file of `shipped/`, byte for byte."""
+    root = Path(__file__).parents[2]
+    source = tmp_path / "source"
+    shutil.copytree(root / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip_wheel, str(source), "-w", str(tmp_path / "dist")], check=True)
+    (wheel,) = (tmp_path / "dist").glob("tropd-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        packed = set(archive.namelist())
+        for path in sorted(cache.SHIPPED_DIR.glob("*/*")):
+            inside = f"tropd/recipes/shipped/{path.parent.name}/{path.name}"
+            assert inside in packed, inside
+            assert archive.read(inside) == path.read_bytes(), inside
