@@ -126,8 +126,9 @@ def test_models_build_builds_keeps_and_forces(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(builtin.RECIPES, "student", TINY_RECIPE)
     out = tmp_path / "out"
     assert cli.main(["models", "build", "add-student", "--out", str(out)]) == 0
-    assert "built" in capsys.readouterr().out
     first = json.loads((out / "add-student" / "recipe.json").read_text())
+    table = capsys.readouterr().out
+    assert f"│ {first['eval_accuracy']:.3f}" in table and "│ built" in table
     assert first["key"] == shipped_specs()["add-student"].key
     assert [p.name for p in out.iterdir()] == ["add-student"]  # no temporary left behind
 
