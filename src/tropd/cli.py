@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
@@ -138,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[yellow]interrupted; resume with --resume[/]")
         return EXIT_INTERRUPTED
     except ValueError as err:  # ConfigError and the one-line errors of loaders
-        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except OSError as err:  # a file that cannot be read or written: its name is in the message
-        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return EXIT_FAIL
 
 
@@ -173,7 +174,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         with distributed.process_group(config) as (rank, world_size):
             run_dir = train(config, resume=args.resume, rank=rank, world_size=world_size)
     except (distributed.RanksOutOfStep, TrainingStopped) as err:
-        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return EXIT_FAIL
     except RunStopped as err:
         if rank == 0:  # all ranks stopped after the same step; one line says so
