@@ -11,7 +11,6 @@ import math
 import random
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,13 +216,12 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     clip = config.optim.grad_clip or math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip))
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-    if skipped:
+    if skipped:  # no gradients: the optimizer step below changes no weight and no state
         setup.optimizer.zero_grad(set_to_none=True)
-    else:
-        setup.optimizer.step()
-    with warnings.catch_warnings():  # a skipped first step is not the misuse torch warns of
-        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
-        setup.scheduler.step()
+    # Always stepped, in this order, so the schedule follows the step number whether or not
+    # earlier steps were skipped (and torch sees no scheduler step before an optimizer step).
+    setup.optimizer.step()
+    setup.scheduler.step()
 
     record: dict[str, Any] = {
         "step": step,
