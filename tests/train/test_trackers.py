@@ -162,6 +162,7 @@ def track_all(config, run_dir: Path, start: int, records: list[dict], samples: l
             track(record, [s for s in samples if s["step"] == record["step"]])
 
 
+@pytest.mark.slow  # MLflow creates its SQLite schema (migrations) at each new store
 def test_mlflow_records_every_metric_exactly_and_resumes_the_same_run(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     pytest.importorskip("sqlalchemy")
