@@ -42,7 +42,8 @@ LAYERS: list[dict[str, set[str] | None]] = [
             "tropd.lora",
             "tropd.recipes",
             "tropd.tasks",
-        }
+        },
+        "tropd.train.trackers": {"tropd.config"},  # metrics out to trackers: no models
     },
     {"tropd.train": ANY_BELOW},
     {"tropd.plot": set()},

@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
@@ -28,9 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"tropd {tropd.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="distil a teacher into a student")
-    train.add_argument("config", help="YAML config file")
-    train.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. optim.lr=1e-4")
+    train = commands.add_parser(
+        "train",
+        help="distil a teacher into a student",
+        usage="tropd train CONFIG [key.sub=value ...] [--resume] [--nproc N] (any order)",
+    )
+    train.add_argument(
+        "arguments",
+        nargs="+",
+        metavar="CONFIG | key.sub=value",
+        help="the YAML config file and key.sub=value settings (e.g. optim.lr=1e-4), any order",
+    )
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument(
         "--nproc", type=int, default=1, help="processes on this machine (runs torchrun for you)"
@@ -131,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("objectives", help="list the methods and their options")
     commands.add_parser("config", help="print every config key, its default and meaning")
 
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "train":  # `train cfg.yaml --nproc 2 key=value`: the rest comes last
+        args.arguments += [a for a in unknown if not a.startswith("-")]
+        unknown = [a for a in unknown if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
     warnings.formatwarning = _one_line_warning
     console = Console(stderr=True)
@@ -156,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[yellow]interrupted; resume with --resume[/]")
         return EXIT_INTERRUPTED
     except ValueError as err:  # ConfigError and the one-line errors of loaders
-        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except OSError as err:  # a file that cannot be read or written: its name is in the message
-        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return EXIT_FAIL
 
 
@@ -175,7 +189,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     from tropd.train.loop import TrainingStopped, objective_from_config
     from tropd.train.shutdown import RunStopped
 
-    config = load_config(args.config, args.overrides)
+    path, overrides = _config_and_overrides(args.arguments)
+    config = load_config(path, overrides)
     objective_from_config(config)  # a bad objective stops here, before any process starts
     if args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: give a number of processes >= 1")
@@ -184,14 +199,14 @@ def _train(args: argparse.Namespace, console: Console) -> int:
             raise ValueError("--nproc starts torchrun itself; leave it out under torchrun")
         distributed.check_world_size(config, args.nproc)
         resume = ["--resume"] if args.resume else []
-        tropd_args = ["train", args.config, *args.overrides, *resume]
+        tropd_args = ["train", path, *overrides, *resume]
         code = distributed.launch(args.nproc, tropd_args, config.distributed.timeout_s)
         return EXIT_STOPPED if code is None else code  # None: the ranks got the signal
     try:
         with distributed.process_group(config) as (rank, world_size):
             run_dir = train(config, resume=args.resume, rank=rank, world_size=world_size)
     except (distributed.RanksOutOfStep, TrainingStopped) as err:
-        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return EXIT_FAIL
     except RunStopped as err:
         if rank == 0:  # all ranks stopped after the same step; one line says so
@@ -211,6 +226,19 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[yellow]warning:[/] {skipped} of {config.run.steps} steps were skipped")
     console.print(f"[green]done:[/] {run_dir}  (metrics.jsonl, samples.jsonl, final/)")
     return EXIT_OK
+
+
+def _config_and_overrides(arguments: list[str]) -> tuple[str, list[str]]:
+    """`tropd train`'s positional arguments, in any order: the config file (an existing
+    file, or an argument without `=`) and the `key.sub=value` overrides, in their order."""
+    paths = [a for a in arguments if "=" not in a or os.path.isfile(a)]
+    overrides = [a for a in arguments if a not in paths]
+    if len(paths) != 1:
+        got = ", ".join(paths) if paths else "none"
+        raise ValueError(
+            f"tropd train takes one CONFIG file (got {got}); settings are key.sub=value"
+        )
+    return paths[0], overrides
 
 
 def _skipped_steps(run_dir) -> int:

@@ -71,6 +71,27 @@ class RunConfig(_Section):
     keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept on disk")
     log_samples: int = Field(2, ge=0, description="rollouts per step written to samples.jsonl")
     progress: bool = Field(True, description="show the rich progress bar")
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = Field(
+        default_factory=list,
+        description="experiment trackers that also get every metric, the config and the "
+        "samples (each an extra: pip install 'tropd[NAME]'); [] writes only metrics.jsonl",
+    )
+    project: str = Field(
+        "tropd", min_length=1, description="the W&B / Trackio project and MLflow experiment"
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_is_a_list(cls, value: Any) -> Any:
+        """`run.report_to=tensorboard` means `[tensorboard]`."""
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_tracker_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) < len(value):
+            raise ValueError(f"names a tracker twice: {value}; list each once")
+        return value
 
 
 class ModelConfig(_Section):

@@ -4,6 +4,7 @@ objective settings checked where the run is built."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -252,6 +253,7 @@ def poison_objective(monkeypatch) -> dict:
         objective = setup.objective
         captured["before"] = {k: v.clone() for k, v in setup.student.state_dict().items()}
         captured["student"] = setup.student
+        captured["optimizer"] = setup.optimizer
 
         class Poisoned:
             def __getattr__(self, name):
@@ -286,6 +288,32 @@ def test_non_finite_loss_skips_the_step_without_touching_weights(sharp_pair, tmp
     after = captured["student"].state_dict()
     for name, tensor in captured["before"].items():
         assert torch.equal(after[name], tensor), name
+
+
+def test_skipped_steps_keep_the_schedule_and_warn_nothing(sharp_pair, tmp_path, monkeypatch):
+    """A skipped step leaves the optimizer's state alone, the learning rate still follows the
+    step number, and torch sees no scheduler step before an optimizer step."""
+    config = make_config(
+        sharp_pair,
+        tmp_path / "nan",
+        "run.steps=3",
+        "run.save_every=0",
+        "eval.every=0",
+        "optim.schedule=cosine",
+        "optim.lr=0.01",
+    )
+    captured = poison_objective(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loop.train(config)
+    ours = [w for w in caught if "lr_scheduler" in str(w.message)]
+    assert not ours, [str(w.message) for w in ours]
+    assert not captured["optimizer"].state  # never updated: no moments, no step count
+    metrics = read_metrics(tmp_path / "nan")
+    for record in metrics:
+        # `record["lr"]` is the rate for the next step: the schedule at `step` (0-based),
+        # the same float64 product LambdaLR forms, so exactly equal.
+        assert record["lr"] == 0.01 * loop.lr_factor(record["step"], 0, 3, "cosine")
 
 
 def test_a_run_with_every_step_skipped_fails_with_one_line(

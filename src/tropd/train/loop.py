@@ -39,7 +39,7 @@ from tropd.tasks import get_task
 from tropd.tasks.chat import encode_prompt
 from tropd.teacher import score_batch
 from tropd.teacher.remote import RemoteTeacher, connect_teacher
-from tropd.train import distributed, shutdown
+from tropd.train import distributed, shutdown, trackers
 from tropd.train.checkpoint import list_checkpoints
 from tropd.train.heldout import heldout_metrics
 from tropd.train.progress import Progress
@@ -82,6 +82,7 @@ def train(config: Config, resume: bool = False, rank: int = 0, world_size: int =
     its checkpoint with `RunStopped` (`tropd.train.shutdown`).
     """
     objective_from_config(config)  # a bad objective stops the run before its folder exists
+    trackers.check_installed(config.run.report_to)  # so does a tracker that is not installed
     run_dir = Path(config.run.output_dir)
     with shutdown.run_dir_lock(run_dir), shutdown.stop_signals() as stop:
         return train_locked(config, resume, rank, world_size, stop)
@@ -106,11 +107,15 @@ def train_locked(
         truncate_jsonl(run_dir / "samples.jsonl", start)
     in_row = 0  # steps skipped as non-finite since the last good one
     cfg = config.run
-    with Progress(cfg.steps, enabled=cfg.progress and rank == 0, start=start) as progress:
+    with (
+        Progress(cfg.steps, enabled=cfg.progress and main, start=start) as progress,
+        trackers.tracking(config, run_dir, start, enabled=main) as track,
+    ):
         if start == 0 and config.eval.every:
-            evaluation = run_eval(setup)
+            evaluation = {"step": 0, **run_eval(setup)}
             if main:
-                write_jsonl(run_dir / "metrics.jsonl", {"step": 0, **evaluation})
+                write_jsonl(run_dir / "metrics.jsonl", evaluation)
+                track(evaluation, [])
         for step in range(start + 1, cfg.steps + 1):
             seed_everything(cfg.seed, step, rank)
             record = train_step(setup, step, rank, world_size)
@@ -118,11 +123,12 @@ def train_locked(
             record["skipped_steps"] = skipped
             if config.eval.every and (step % config.eval.every == 0 or step == cfg.steps):
                 record.update(run_eval(setup))
-            samples = record.pop("samples")
+            samples = [{"step": step, **sample} for sample in record.pop("samples")]
             if main:
                 write_jsonl(run_dir / "metrics.jsonl", record)
                 for sample in samples:
-                    write_jsonl(run_dir / "samples.jsonl", {"step": step, **sample})
+                    write_jsonl(run_dir / "samples.jsonl", sample)
+                track(record, samples)
             progress.update(step, record)
             # Every rank learns whether any got a signal, so all stop after the same step.
             stopping = step < cfg.steps and distributed.any_rank(stop.signal is not None)
@@ -211,13 +217,12 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     clip = config.optim.grad_clip or math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip))
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-    if skipped:
+    if skipped:  # no gradients: the optimizer step below changes no weight and no state
         setup.optimizer.zero_grad(set_to_none=True)
-    else:
-        setup.optimizer.step()
-    with warnings.catch_warnings():  # a skipped first step is not the misuse torch warns of
-        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
-        setup.scheduler.step()
+    # Always stepped, in this order, so the schedule follows the step number whether or not
+    # earlier steps were skipped (and torch sees no scheduler step before an optimizer step).
+    setup.optimizer.step()
+    setup.scheduler.step()
 
     record: dict[str, Any] = {
         "step": step,
