@@ -298,10 +298,10 @@ def _run(program: str, limits: Limits, sandboxed: bool) -> ProgramResult:
         )
         os.close(result_w)
         result_w = -1
-        with contextlib.suppress(BrokenPipeError):
+        with contextlib.suppress(BrokenPipeError), proc.stdin:
             proc.stdin.write(marker + program.encode("utf-8", "replace"))
-            proc.stdin.close()
-        output, verdict, timed_out = _collect(proc, result_r, limits.timeout_s)
+        with proc.stdout:
+            output, verdict, timed_out = _collect(proc, result_r, limits.timeout_s)
     finally:
         for fd in (result_r, result_w):
             if fd >= 0:
