@@ -324,29 +324,93 @@ def test_nproc_launches_mixed_precision_fsdp2(tiny_pair, tmp_path, monkeypatch):
     assert next(iter(final_weights(run_dir).values())).dtype == torch.float32
 
 
-def test_a_stuck_rank_fails_the_run_within_the_timeout(tiny_pair, tmp_path):
+STUCK_TIMEOUT_S = 5
+
+
+def test_a_stuck_rank_fails_the_run_within_the_timeout(tmp_path):
+    """Rank 1 stops answering after a first collective: rank 0 fails with one line after
+    `distributed.timeout_s`, counted from there, and the run ends. Both ranks meet in a
+    folder before joining the group, so a rank slow to import torch on a loaded machine
+    cannot use up the timeout in the rendezvous."""
     script = tmp_path / "stuck.py"
     script.write_text(
         textwrap.dedent(
-            """
-            import sys, time
+            f"""
+            import os, sys, time
+            from pathlib import Path
             import torch, torch.distributed as dist
             from tropd.config import load_config
             from tropd.train.distributed import process_group
 
-            config = load_config(None, ["distributed.timeout_s=2", "rollout.prompts_per_step=2"])
+            ready, started = Path(sys.argv[1]), Path(sys.argv[2])
+            (ready / os.environ["RANK"]).touch()
+            while len(list(ready.iterdir())) < 2:
+                time.sleep(0.05)
+            config = load_config(
+                None, ["distributed.timeout_s={STUCK_TIMEOUT_S}", "rollout.prompts_per_step=2"]
+            )
             with process_group(config) as (rank, world_size):
-                if rank == 1:
-                    time.sleep(60)
+                dist.barrier()
+                if rank == 0:
+                    started.write_text(str(time.time()))
+                else:
+                    time.sleep(600)
                 dist.all_reduce(torch.ones(1))
             """
         )
     )
-    tic = time.monotonic()
-    done = run_ranks(tmp_path, str(script))
+    (tmp_path / "ready").mkdir()
+    started = tmp_path / "started"
+    done = run_ranks(tmp_path, str(script), str(tmp_path / "ready"), str(started))
+    waited = time.time() - float(started.read_text())
     assert done.returncode != 0
-    assert "did not answer within distributed.timeout_s=2 s" in done.stderr
-    assert time.monotonic() - tic < 45
+    assert f"did not answer within distributed.timeout_s={STUCK_TIMEOUT_S} s" in done.stderr
+    # The collective began after `started`; the launcher then stops the stuck rank at once.
+    assert STUCK_TIMEOUT_S <= waited < STUCK_TIMEOUT_S + 30, waited
+
+
+def test_a_stopped_rank_frees_its_model_before_the_group(tmp_path):
+    """A run left by an exception (RunStopped here) frees the DDP wrapper its frames hold
+    before the process group goes. Freed after it, the wrapper's reducer would drop the
+    group's last reference with the GIL held, and the gloo group's destructor can then wait
+    forever for its worker thread: a rank that hung after writing its checkpoint."""
+    script = tmp_path / "stopped.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys, weakref
+            from pathlib import Path
+            import torch, torch.distributed as dist
+            from tropd.config import load_config
+            from tropd.train import distributed
+            from tropd.train.shutdown import RunStopped
+
+            config = load_config(None, ["rollout.prompts_per_step=2"])
+            wrappers = []
+
+            def train():
+                model = distributed.parallelize(torch.nn.Linear(2, 2), config.distributed)
+                model(torch.ones(1, 2)).sum().backward()
+                wrappers.append(weakref.ref(model))
+                raise RunStopped("SIGTERM", 1, Path("checkpoint"))
+
+            def destroy(destroy=dist.destroy_process_group):
+                alive = wrappers[0]() is not None
+                Path(sys.argv[1], os.environ["RANK"]).write_text(str(alive))
+                destroy()
+
+            dist.destroy_process_group = destroy
+            try:
+                with distributed.process_group(config):
+                    train()
+            except RunStopped:
+                pass
+            """
+        )
+    )
+    done = run_ranks(tmp_path, str(script), str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [(tmp_path / rank).read_text() for rank in "01"] == ["False", "False"]
 
 
 def test_world_size_must_split_the_prompts():

@@ -14,10 +14,12 @@ loop calls them unconditionally.
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import logging
 import os
 import signal
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,8 +80,12 @@ def process_group(config: Config) -> Iterator[tuple[int, int]]:
     try:
         yield rank, world_size
         dist.barrier()  # leave together: no rank tears down while another still talks
-    except RuntimeError as err:  # gloo and NCCL report lost peers as RuntimeError
-        if not any(sign in str(err).lower() for sign in PEER_LOST):
+    except BaseException as err:
+        release_frames(err)
+        # gloo and NCCL report lost peers as RuntimeError
+        if not isinstance(err, RuntimeError) or not any(
+            sign in str(err).lower() for sign in PEER_LOST
+        ):
             raise
         raise RanksOutOfStep(
             f"rank {rank}: another process did not answer within distributed.timeout_s="
@@ -88,6 +94,21 @@ def process_group(config: Config) -> Iterator[tuple[int, int]]:
         ) from None
     finally:
         dist.destroy_process_group()
+
+
+def release_frames(err: BaseException) -> None:
+    """Drop the local variables of the frames `err` (and the exceptions it chains) went
+    through. A DDP wrapper left in them (the trainer's, on RunStopped or an error) holds the
+    process group: freed after `destroy_process_group`, its C++ reducer drops the group's last
+    reference with the GIL held, and the gloo group's destructor then waits for its worker
+    thread, which may be waiting for the GIL to free a finished collective's tensors. That
+    deadlock left a rank hung after its checkpoint (its launcher waited `--shutdown-timeout`).
+    Freed here, while the group is up (cycles included: the collector runs now, not at some
+    later allocation), the wrapper takes no group down with it."""
+    while err is not None:
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
+    gc.collect()
 
 
 def check_world_size(config: Config, world_size: int) -> None:
