@@ -276,10 +276,16 @@ def test_sigterm_to_the_nproc_launcher_stops_the_ranks_with_a_checkpoint(tiny_pa
 
 
 def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    """Whether any thread of `pid` runs (a zombie, dead but not yet reaped, does not). The
+    main thread of a killed process can be a zombie while its other threads still exit,
+    holding the process's files, and so the run folder's lock."""
+    return any(running(stat) for stat in Path(f"/proc/{pid}/task").glob("*/stat"))
+
+
+def running(stat: Path) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:  # the thread is gone
         return False
 
 
