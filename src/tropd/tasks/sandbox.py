@@ -170,6 +170,8 @@ def _bwrap_argv(bwrap: str, limits: Limits, uid: int) -> list[str]:
         argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         argv += ["--unshare-user"]
+    # The scratch first: binds below it (a venv under /tmp) then show through it.
+    argv += ["--perms", "0777", "--size", str(limits.scratch_mb * 2**20), "--tmpfs", SCRATCH]
     bound: list[str] = []
     for top in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
@@ -189,7 +191,6 @@ def _bwrap_argv(bwrap: str, limits: Limits, uid: int) -> list[str]:
     for name in ("/etc/ld.so.cache", "/etc/localtime"):
         argv += ["--ro-bind-try", name, name]
     argv += ["--proc", "/proc", "--dev", "/dev"]
-    argv += ["--perms", "0777", "--size", str(limits.scratch_mb * 2**20), "--tmpfs", SCRATCH]
     return [*argv, "--remount-ro", "/", "--remount-ro", "/dev", "--chdir", SCRATCH]
 
 
