@@ -9,9 +9,22 @@ import torch
 from transformers import LlamaForCausalLM
 
 from tropd.models import tiny_llama_config
+from tropd.recipes.builtin import BuiltinRecipe
 from tropd.tasks import get_task
 from tropd.tasks.sandbox import bwrap_problem
 from tropd.tasks.tokenizer import build_char_tokenizer
+
+# A built-in model recipe that trains in a second (tests that build models).
+TINY_RECIPE = BuiltinRecipe(
+    hidden_size=16,
+    num_layers=1,
+    num_heads=2,
+    steps=3,
+    batch_size=4,
+    lr=1e-3,
+    warmup_steps=1,
+    eval_items=8,
+)
 
 # Tests that run generated code; .ci/run installs bubblewrap so that CI runs them.
 needs_bwrap = pytest.mark.skipif(

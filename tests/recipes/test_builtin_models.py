@@ -5,22 +5,12 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_RECIPE
 
 from tropd.model_names import load_model, load_tokenizer
 from tropd.recipes import builtin
-from tropd.recipes.builtin import BuiltinRecipe, prepare_builtin
+from tropd.recipes.builtin import prepare_builtin
 from tropd.tasks.chat import prompt_ids
-
-TINY_RECIPE = BuiltinRecipe(
-    hidden_size=16,
-    num_layers=1,
-    num_heads=2,
-    steps=3,
-    batch_size=4,
-    lr=1e-3,
-    warmup_steps=1,
-    eval_items=8,
-)
 
 
 @pytest.fixture

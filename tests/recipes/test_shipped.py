@@ -12,26 +12,16 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import one_line
+from conftest import TINY_RECIPE, one_line
 
 from tropd import cli
 from tropd.model_names import load_model, load_tokenizer
 from tropd.recipes import builtin, cache
-from tropd.recipes.builtin import BuiltinRecipe, prepare_builtin
+from tropd.recipes.builtin import prepare_builtin
 from tropd.recipes.mismatch import prepare_chain_model, student_recipe
 from tropd.recipes.shipped import build_models, shipped_specs
 
 SHIPPED = sorted(p.name for p in cache.SHIPPED_DIR.iterdir() if (p / "recipe.json").is_file())
-TINY_RECIPE = BuiltinRecipe(
-    hidden_size=16,
-    num_layers=1,
-    num_heads=2,
-    steps=3,
-    batch_size=4,
-    lr=1e-3,
-    warmup_steps=1,
-    eval_items=8,
-)
 
 
 @pytest.fixture
