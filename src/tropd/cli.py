@@ -252,6 +252,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
 
     import yaml
 
+    from tropd.kernels import use_onednn
     from tropd.model_names import load_eval_model
     from tropd.task_eval import EvalSettings, evaluate_on_task
     from tropd.tasks import get_task
@@ -264,6 +265,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     if not isinstance(options, dict):
         raise ValueError("--options must be a YAML mapping, e.g. '{path: data.jsonl}'")
     model, tokenizer, run_config = load_eval_model(args.model, args.dtype, args.device)
+    use_onednn(model)
     name, system_prompt = args.task, args.system_prompt
     if name is None:
         if run_config is None:
@@ -306,6 +308,7 @@ def _positive(text: str) -> int:
 
 
 def _serve_teacher(args: argparse.Namespace, console: Console) -> int:
+    from tropd.kernels import use_onednn
     from tropd.model_names import load_model, load_tokenizer
     from tropd.teacher.remote import TOKEN_ENV, read_token_file
 
@@ -337,6 +340,7 @@ def _serve_teacher(args: argparse.Namespace, console: Console) -> int:
     )
     console.print(f"serving {args.model} on http://{args.host}:{args.port} (Ctrl-C stops)")
     model = load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)
+    use_onednn(model)
     tokenizer = load_tokenizer(args.model)
     serve(model, tokenizer, args.model, args.host, args.port, token, limits)
     return EXIT_OK

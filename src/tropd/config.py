@@ -115,6 +115,12 @@ class ModelConfig(_Section):
         "teacher is held in bfloat16",
     )
 
+    cpu_matmul: Literal["auto", "torch", "onednn"] = Field(
+        "auto",
+        description="float32 linear layers on CPU: onednn (AVX-512 kernels; 2-4x torch's MKL "
+        "on AMD CPUs), torch (its BLAS), auto: onednn on x86-64 where torch has it",
+    )
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, device: str) -> str:

@@ -31,6 +31,8 @@ from collections.abc import Iterator
 
 import torch
 
+from tropd.kernels import OneDNNLinear, mm_nt, routed
+
 BLOCK = 128  # rows of logits formed at once inside a chunk (cache-sized temporaries)
 
 
@@ -139,6 +141,8 @@ class _ChunkedHead(torch.autograd.Function):
         wide = _wide(states)
         low = ctx.matmul_dtype
         head = weight if low is None else weight.to(low)
+        fast = low is None and routed(weight) and states.dtype == weight.dtype
+        head_t = head.t().contiguous() if fast and need_states else None
         grad_states = torch.zeros_like(states) if need_states else None
         grad_weight = torch.zeros_like(weight, dtype=wide) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=wide) if need_bias else None
@@ -156,9 +160,13 @@ class _ChunkedHead(torch.autograd.Function):
                 grad_logits = (logits - lse[rows]).exp_().mul_(scale)
             grad_logits.scatter_add_(0, ids[rows].t(), grad.t())
             grad_logits = grad_logits.to(head.dtype if low else states.dtype)  # [V, rows]
-            if need_states:
+            if need_states and fast:
+                grad_states[rows] = mm_nt(grad_logits.t(), head_t)
+            elif need_states:
                 grad_states[rows] = grad_logits.t() @ head
-            if need_weight and low:
+            if need_weight and fast:
+                grad_weight += mm_nt(grad_logits, states[rows].t())
+            elif need_weight and low:
                 grad_weight += (grad_logits @ states[rows].to(low)).to(wide)
             elif need_weight:
                 grad_weight.addmm_(grad_logits.to(wide), states[rows].to(wide))
@@ -173,8 +181,9 @@ class _ChunkedHead(torch.autograd.Function):
 
 def _logits_t(states: torch.Tensor, weight: torch.Tensor, bias, dtype) -> torch.Tensor:
     """`(states @ weight.T + bias).T` as `[V, N]` in `dtype`, the product in the weight's
-    dtype."""
-    logits = weight @ states.to(weight.dtype).t()
+    dtype (by oneDNN for a `routed` weight)."""
+    states = states.to(weight.dtype)
+    logits = mm_nt(weight, states) if routed(weight) else weight @ states.t()
     if bias is not None:
         logits = logits + bias[:, None]
     return logits.to(dtype)
@@ -264,7 +273,7 @@ def chunked_head_supported(model) -> bool:
 
 def _check_head(model) -> bool:
     head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear:
+    if type(head) not in (torch.nn.Linear, OneDNNLinear):
         return False
     ids = torch.tensor([[1, 2, 3]], device=head.weight.device)
     training = model.training

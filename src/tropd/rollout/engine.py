@@ -12,6 +12,7 @@ import torch
 
 from tropd.batch import left_pad
 from tropd.head import chunked_head_supported, hidden_only, lm_head
+from tropd.kernels import OneDNNLinear, decoding
 
 
 @dataclass(frozen=True)
@@ -157,18 +158,19 @@ def _decode(
         steppers[0].hidden = []
     finished = torch.zeros(len(inputs), dtype=torch.bool, device=device)
     tokens, logprobs = [], []
-    for _ in range(budget):
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1] :]
-        logits = [stepper(inputs, attention, positions) for stepper in steppers]
-        cached = attention  # the columns the caches now hold
-        token, logprob = pick(logits, first)
-        tokens.append(token)
-        logprobs.append(logprob)
-        finished |= token == eos_token_id
-        if finished.all() and not synced:
-            break
-        inputs = token[:, None]
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+    with decoding():
+        for _ in range(budget):
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1] :]
+            logits = [stepper(inputs, attention, positions) for stepper in steppers]
+            cached = attention  # the columns the caches now hold
+            token, logprob = pick(logits, first)
+            tokens.append(token)
+            logprobs.append(logprob)
+            finished |= token == eos_token_id
+            if finished.all() and not synced:
+                break
+            inputs = token[:, None]
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
     for m, mode in zip(models, modes, strict=True):
         m.train(mode)
     if not prompts:
@@ -222,6 +224,8 @@ class _Stepper:
         last = out.hidden_states[-1][:, -1]
         if self.hidden is not None:
             self.hidden.append(last)
+        if isinstance(self.head, OneDNNLinear):
+            return self.head(last).float()
         return lm_head(last, self.head.weight, self.head.bias).float()
 
 

@@ -21,6 +21,7 @@ import torch
 from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch, align_logits
 from tropd.config import GUIDANCE_DEFAULTS, Config, ConfigError, TaskConfig, save_config
 from tropd.head import HeadLogits, autocast_dtype, chunked_head_supported, hidden_only
+from tropd.kernels import use_onednn
 from tropd.lora import apply_lora, merge_lora
 from tropd.model_names import (
     load_model,
@@ -483,6 +484,8 @@ def build(config: Config, run_dir: Path) -> Setup:
     if config.lora.enabled:
         lora = config.lora
         apply_lora(student, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
+    if not (distributed.is_distributed() and config.distributed.strategy == "fsdp2"):
+        use_onednn(student, m.cpu_matmul)
     student_ddp = distributed.parallelize(student, config.distributed)
     tokenizer = load_tokenizer(m.tokenizer or m.student)
     sampler = choose_sampler(config, objective)
@@ -507,6 +510,7 @@ def build(config: Config, run_dir: Path) -> Setup:
         dtype = "bfloat16" if m.autocast == "bf16" else m.dtype
         teacher = load_model(m.teacher, dtype, m.device)
         teacher.requires_grad_(False).eval()
+        use_onednn(teacher, m.cpu_matmul)
     o = config.optim
     trained = [p for p in student.parameters() if p.requires_grad]
     # One fused kernel over all tensors (several times faster than the per-tensor loop on

@@ -1,0 +1,176 @@
+"""Float32 linear layers on CPU through oneDNN instead of the BLAS torch calls.
+
+torch multiplies float32 matrices on CPU with its BLAS (MKL on x86). On an AMD CPU MKL
+runs its AVX2 code (about 215 GFLOP/s on this project's 2-core AMD EPYC, AVX-512), while
+oneDNN, which torch also ships, runs AVX-512: about 2.3x that on training-sized products
+and 2-4x on the few-row products of decoding (`bench/throughput.py` measures both peaks).
+`use_onednn(model)` makes every `nn.Linear` of a model compute its product with oneDNN:
+
+- with autograd (training): `_OneDNNLinear`, forward and both backward products in oneDNN;
+- without (teacher scoring, eval): oneDNN on the weight as it is;
+- inside a decoding loop (`decoding`, entered by `tropd.rollout.engine.decode`): oneDNN
+  with each weight reordered once per loop into oneDNN's blocked layout.
+
+The result is float32 to float32 rounding (a different summation order than BLAS, so not
+bit-identical to it). A layer falls back to `F.linear` for anything else: another dtype or
+device, autocast, a tensor subclass (sharded DTensor weights), or an empty input.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Backend = Literal["auto", "torch", "onednn"]
+_REORDER_ROWS = 8  # the row count oneDNN's blocked layout is chosen for (hardly matters)
+
+
+def onednn_available() -> bool:
+    """Whether this torch can run float32 linear layers through oneDNN on this CPU (an
+    x86-64 build with oneDNN; elsewhere torch's own products are used)."""
+    return (
+        platform.machine().lower() in {"x86_64", "amd64"}
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def routed(weight: torch.Tensor) -> bool:
+    """Whether `weight` belongs to a layer `use_onednn` switched (code that multiplies by
+    such a weight itself, like the chunked LM head, then uses `mm_nt` too)."""
+    return getattr(weight, "_tropd_onednn", False) and _plain(weight)
+
+
+def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b.T` by oneDNN for fp32 CPU matrices `a [M, K]`, `b [N, K]` (no autograd)."""
+    return _product(a.contiguous(), b.contiguous(), None)
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ weight.T + bias` by oneDNN, for 2-D contiguous fp32 `x [N, in]` and a weight
+    `[out, in]` (dense, or reordered by `_reorder_linear_weight`)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """`F.linear` of a 2-D input with its three products in oneDNN (which reads only
+    contiguous operands, hence the transposed copies in the backward: they cost far less
+    than the products they speed up)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _product(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _product(grad, weight.t().contiguous(), None)
+        if ctx.needs_input_grad[1]:
+            grad_w = _product(grad.t().contiguous(), x.t().contiguous(), None)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def _plain(t: torch.Tensor | None) -> bool:
+    """None, or a plain (not a subclass such as DTensor) fp32 CPU tensor."""
+    return t is None or (
+        type(t) in (torch.Tensor, nn.Parameter)
+        and t.device.type == "cpu"
+        and t.dtype == torch.float32
+    )
+
+
+def _grad(t: torch.Tensor | None) -> bool:
+    return t is not None and t.requires_grad
+
+
+class OneDNNLinear(nn.Linear):
+    """An `nn.Linear` whose float32 CPU products run in oneDNN (`use_onednn` swaps a
+    layer's class to this one; parameters, state dict and hooks are unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if (
+            not (_plain(x) and _plain(w) and _plain(b))
+            or x.numel() == 0
+            or torch.is_autocast_enabled("cpu")
+        ):
+            return F.linear(x, w, b)
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or _grad(b)):
+            out = _OneDNNLinear.apply(flat, w, b)
+        else:
+            out = _product(flat, _reordered(self, w), b)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+@contextmanager
+def decoding() -> Iterator[None]:
+    """A decoding loop's scope: inside it (on this thread), a `OneDNNLinear` called
+    without autograd reorders its weight into oneDNN's blocked layout on its first call
+    and reuses that at every later step (about 2x faster for a few rows than the plain
+    layout); the copies are freed on exit. The weights must not change inside."""
+    _SCOPES.stack = [*getattr(_SCOPES, "stack", []), {}]
+    try:
+        yield
+    finally:
+        _SCOPES.stack = _SCOPES.stack[:-1]
+
+
+_SCOPES = threading.local()
+
+
+def _reordered(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """`weight`, reordered once per `decoding` scope; as it is outside one."""
+    stack = getattr(_SCOPES, "stack", None)
+    if not stack:
+        return weight
+    held = stack[-1]
+    if layer not in held:
+        held[layer] = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _REORDER_ROWS)
+    return held[layer]
+
+
+def use_onednn(model: nn.Module, backend: Backend = "auto") -> int:
+    """Make the `nn.Linear` layers of a CPU model run their float32 products through
+    oneDNN (`backend` auto: where `onednn_available`; torch: leave them). Returns how
+    many layers now do (0 for a model not on the CPU). Call before wrapping the model in
+    DDP; not for FSDP. Subclasses of `nn.Linear` (e.g. LoRA layers) keep their own
+    forward; the plain layers inside them switch."""
+    if backend == "torch" or (backend == "auto" and not onednn_available()):
+        return 0
+    if backend == "onednn" and not onednn_available():
+        raise RuntimeError(
+            "model.cpu_matmul: onednn needs an x86-64 torch build with oneDNN; use auto or torch"
+        )
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        return 0
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = OneDNNLinear
+            module.weight._tropd_onednn = True
+            count += 1
+    return count
+
+
+def use_torch_products(model: nn.Module) -> None:
+    """Undo `use_onednn`: the layers compute with `F.linear` again."""
+    for module in model.modules():
+        if type(module) is OneDNNLinear:
+            module.__class__ = nn.Linear
+            module.weight._tropd_onednn = False
