@@ -141,8 +141,12 @@ def _reordered(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
         return weight
     held = stack[-1]
     if layer not in held:
-        held[layer] = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _REORDER_ROWS)
+        held[layer] = _reorder(weight)
     return held[layer]
+
+
+def _reorder(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _REORDER_ROWS)
 
 
 def use_onednn(model: nn.Module, backend: Backend = "auto") -> int:
