@@ -14,6 +14,9 @@ student forward/backward -> AdamW step) on the same models, prompts and budgets:
   teacher prefixes (the `fkl_outlier` preset; what `tropd` costs at the end of its
   schedule, when the prefix cap has reached 0).
 - `trl-distill`: `trl.DistillationTrainer`, beta=1 (reverse KL), student-generated.
+- `trl-distill-onednn`: the same, its `nn.Linear` layers (student and teacher) switched to
+  oneDNN by `tropd.kernels.use_onednn` as tropd's are: a control for how much of the
+  difference is the CPU kernels (TRL's chunked loss head keeps torch's BLAS).
 - `trl-gkd`: `trl.experimental.gkd.GKDTrainer`, lmbda=1 (always on-policy), beta=1.
 
 Fairness rules. Random-weight Qwen2 models are built once from configs with a fixed seed
@@ -46,9 +49,14 @@ SmolLM2-135M-Instruct (GGUF) teacher, its 20-layer pruned student, the real toke
 chat-formatted reasoning-gym prompts. `--precision bf16` runs tropd with
 `model.autocast=bf16` and TRL with `bf16=True`, and measures the bf16 matmul peak.
 
+Kernels. tropd runs its float32 linear layers through oneDNN on x86 CPUs
+(`model.cpu_matmul: auto`); TRL uses torch's BLAS (MKL, which runs AVX2 code on this AMD
+CPU). Both peaks are measured and reported; `trl-distill-onednn` is the control.
+
 MFU. Model FLOPs per step are counted analytically and are the same for every system:
 `step_flops` below (the work of on-policy distillation with the student writing the whole
-response), divided by the step time and by the fp32 matmul peak measured in the run.
+response), divided by the step time and by the matmul peak measured in the run (the larger
+of torch's and oneDNN's).
 `tropd-tropd` does more work than that count (the larger teacher writes half of each
 response), so its MFU is understated by the same count. The phase table also gives each
 phase's time over its FLOP floor (`phase_flops` at the measured peak).
@@ -88,7 +96,14 @@ from common import (
     write_atomic,
 )
 
-SYSTEMS = ("tropd-opd", "tropd-tropd", "tropd-fkl_outlier", "trl-distill", "trl-gkd")
+SYSTEMS = (
+    "tropd-opd",
+    "tropd-tropd",
+    "tropd-fkl_outlier",
+    "trl-distill",
+    "trl-distill-onednn",
+    "trl-gkd",
+)
 PHASES = ("generate", "teacher", "train", "optimizer", "other")
 SEED = 0
 LR = 1e-5
@@ -394,7 +409,7 @@ def phase_flops(shape: Shape, prompts: list[list[int]], system: str) -> dict[str
     for ids in prompts:
         p, g, v = len(ids), shape.new_tokens, shape.vocab
         student = forward_flops(shape.student, v, p, g)
-        backbone_only = system == "trl-distill"
+        backbone_only = system.startswith("trl-distill")
         teacher = forward_flops(shape.teacher, v, p, g, head=not backbone_only)
         teacher_head = forward_flops(shape.teacher, v, p, g) - teacher
         out["generate"] += student
@@ -404,7 +419,12 @@ def phase_flops(shape: Shape, prompts: list[list[int]], system: str) -> dict[str
 
 
 def matmul_peak(threads: int, repeats: int = 5, precision: str = "fp32") -> dict[str, Any]:
-    """Best-of `torch.mm` GFLOP/s in `precision` for an MLP-like and an LM-head-like shape."""
+    """Best-of GFLOP/s in `precision` for an MLP-like and an LM-head-like product, by
+    `torch.mm` (torch's BLAS: MKL here; oneDNN for bf16) and, in fp32, by oneDNN
+    (`tropd.kernels`), which on an AMD CPU runs AVX-512 code where MKL runs AVX2. The
+    peak MFU is measured against is the larger: what the machine can do."""
+    from tropd.kernels import mm_nt, onednn_available
+
     torch.set_num_threads(threads)
     meter = CpuMeter()
     before = meter.snapshot()
@@ -412,10 +432,19 @@ def matmul_peak(threads: int, repeats: int = 5, precision: str = "fp32") -> dict
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     for m, k, n in ((1024, 1024, 4096), (512, 256, 49152)):
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        torch.mm(a, b)
-        best = min(_timed(lambda a=a, b=b: torch.mm(a, b)) for _ in range(repeats))
-        out[f"{m}x{k}@{k}x{n}"] = 2 * m * k * n / best / 1e9
-    out["peak_gflops"] = max(out.values())
+        products = {"torch": lambda a=a, b=b: torch.mm(a, b)}
+        if precision == "fp32" and onednn_available():
+            b_t = b.t().contiguous()
+            products["onednn"] = lambda a=a, b_t=b_t: mm_nt(a, b_t)
+        for backend, product in products.items():
+            product()
+            best = min(_timed(product) for _ in range(repeats))
+            out[f"{backend} {m}x{k}@{k}x{n}"] = 2 * m * k * n / best / 1e9
+    for backend in ("torch", "onednn"):
+        mine = [v for key, v in out.items() if key.startswith(backend + " ")]
+        if mine:
+            out[f"{backend}_gflops"] = max(mine)
+    out["peak_gflops"] = max(out.get("onednn_gflops", 0.0), out["torch_gflops"])
     out["foreign_cores"] = meter.foreign(before, meter.snapshot())
     return out
 
@@ -662,6 +691,11 @@ def run_trl(
     prompts = make_prompts(shape, models)
     texts = prompt_texts(shape, models)
     student, teacher, tokenizer = load_models(models)
+    if system == "trl-distill-onednn":  # the control: TRL on tropd's oneDNN layers
+        from tropd.kernels import use_onednn
+
+        use_onednn(student, "onednn")
+        use_onednn(teacher, "onednn")
     common = {
         "use_cpu": True,
         "report_to": "none",
@@ -927,7 +961,14 @@ def precision_words(precision: str) -> str:
     return "float32"
 
 
-def settings_line(args: argparse.Namespace, peak: float, foreign: float) -> str:
+def settings_line(
+    args: argparse.Namespace, peak: float, foreign: float, peaks: list[dict[str, Any]]
+) -> str:
+    backends = ", ".join(
+        f"{name} {max(p.get(name + '_gflops', 0.0) for p in peaks):.0f}"
+        for name in ("torch", "onednn")
+        if any(name + "_gflops" in p for p in peaks)
+    )
     return (
         f"{precision_words(args.precision)}, {args.threads} threads, {args.steps} timed "
         f"steps (+1 warm-up) per fresh process, interleaved repetitions; 1 sample/prompt, "
@@ -937,7 +978,8 @@ def settings_line(args: argparse.Namespace, peak: float, foreign: float) -> str:
         f"default teacher prefixes (cap = new_tokens/2, mid-schedule). Steps with > "
         f"{FOREIGN_LIMIT} foreign cores are dropped (mean foreign load seen: {foreign:.2f} "
         f"cores). MFU = equal-work model FLOPs / step time / {args.precision} matmul peak "
-        f"{peak:.1f} GFLOP/s; FLOPs (the same for every system; tropd-tropd's teacher-written "
+        f"{peak:.1f} GFLOP/s (the larger of torch's BLAS and oneDNN: {backends}); "
+        f"FLOPs (the same for every system; tropd-tropd's teacher-written "
         f"prefixes cost more): {FLOPS_FORMULA}. Ratios: s/step ÷ TRL s/step "
         f"(< 1: tropd faster). Phases are medians in seconds."
     )
@@ -971,7 +1013,7 @@ def report(
     rows = summarize(runs, shapes, systems, peak, args.steps, models)
     steps = [s for r in runs if "error" not in r for s in r["steps"]]
     foreign = statistics.fmean(s["foreign_cores"] for s in steps) if steps else float("nan")
-    settings = settings_line(args, peak, foreign)
+    settings = settings_line(args, peak, foreign, peaks)
     main_head, main, phase_head, phase = table_cells(rows)
     console = Console(width=None if Console().is_terminal else 160)
     for title, head, cells in (
@@ -1082,7 +1124,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     models = {s.name: ensure_models(s, Path(args.cache)) for s in shapes}
     peaks = [matmul_peak(args.threads, precision=args.precision)]
-    print(f"matmul peak at start: {peaks[0]['peak_gflops']:.1f} GFLOP/s", flush=True)
+    start = peaks[0]
+    print(
+        f"matmul peak at start: {start['peak_gflops']:.1f} GFLOP/s (torch "
+        f"{start['torch_gflops']:.1f}, oneDNN {start.get('onednn_gflops', float('nan')):.1f})",
+        flush=True,
+    )
     reps = {s.name: args.reps or s.reps for s in shapes}
     runs: list[dict[str, Any]] = []
     for rep in range(max(reps.values())):

@@ -17,11 +17,11 @@ ANY_BELOW = None
 # or ANY_BELOW. The rooms of one row may not import each other.
 LAYERS: list[dict[str, set[str] | None]] = [
     {"tropd": set()},  # the package itself: its version
-    {"tropd.config": set(), "tropd.console": set()},
-    {"tropd.batch": set(), "tropd.head": set()},
+    {"tropd.config": set(), "tropd.console": set(), "tropd.kernels": set()},
+    {"tropd.batch": set(), "tropd.head": {"tropd.kernels"}},
     {"tropd.objectives": {"tropd.batch", "tropd.head"}},
     {"tropd.models": set(), "tropd.compress": set(), "tropd.lora": set()},
-    {"tropd.rollout": {"tropd.batch", "tropd.head"}},
+    {"tropd.rollout": {"tropd.batch", "tropd.head", "tropd.kernels"}},
     {"tropd.teacher": {"tropd.batch", "tropd.head", "tropd.rollout"}},
     {"tropd.tasks": set()},  # prompts and verifiers: no models, no teacher
     {"tropd.task_eval": {"tropd.console", "tropd.rollout", "tropd.tasks"}},

@@ -246,8 +246,9 @@ def sample_tokens(
 
     Sampling inverts the CDF: `u ~ U(0, total)` against the running sum of
     `exp(logits - max)`, found by binary search; a token of weight 0 is never drawn. The
-    recorded log-prob is normalised with a log-sum-exp, exact to float32 rounding, not
-    with that running float32 sum (whose rounding grows with the vocabulary)."""
+    recorded log-prob is normalised with a log-sum-exp of the same weights (a pairwise
+    sum, exact to float32 rounding), not with that running float32 sum (whose rounding
+    grows with the vocabulary)."""
     if temperature == 0:
         token = logits.argmax(-1)
         return token, logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(-1)
@@ -264,7 +265,9 @@ def sample_tokens(
     # step up: a token of positive weight.
     draw = torch.minimum(draw, torch.nextafter(total, torch.zeros_like(total)))
     token = torch.searchsorted(cdf, draw, right=True)
-    logprob = logits.gather(-1, token) - logits.logsumexp(-1, keepdim=True)
+    # log-sum-exp from the same weights: peak + log(sum), the sum a pairwise reduction
+    lse = peak + weights.sum(-1, keepdim=True).log_()
+    logprob = logits.gather(-1, token) - lse
     return token.squeeze(-1), logprob.squeeze(-1)
 
 
