@@ -9,6 +9,8 @@ implementations differ by at most twice that."""
 from __future__ import annotations
 
 import copy
+import platform
+import resource
 
 import pytest
 import torch
@@ -204,3 +206,18 @@ def test_chunked_head_products_match():
         *results, (2 * logit, 4 * logit * scale, 4 * logit * scale), strict=True
     ):
         assert torch.allclose(got, want, rtol=0, atol=tol)
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="glibc's mallopt")
+def test_keep_freed_memory_reuses_large_blocks():
+    """mallopt takes both settings (it returns 0 for a value it refuses). A 64 MB block
+    freed and allocated again then comes back from the heap, its pages already mapped:
+    with glibc's defaults each allocation is a fresh mapping whose 16384 pages fault in
+    one by one, here five allocations fault fewer pages than one."""
+    assert kernels.keep_freed_memory()
+    size = 2**24  # floats: 64 MB, 16384 pages of 4 KB
+    torch.empty(size).fill_(1)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.empty(size).fill_(1)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < size * 4 // 4096

@@ -21,7 +21,7 @@ import torch
 from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch, align_logits
 from tropd.config import GUIDANCE_DEFAULTS, Config, ConfigError, TaskConfig, save_config
 from tropd.head import HeadLogits, autocast_dtype, chunked_head_supported, hidden_only
-from tropd.kernels import use_onednn
+from tropd.kernels import keep_freed_memory, use_onednn
 from tropd.lora import apply_lora, merge_lora
 from tropd.model_names import (
     load_model,
@@ -484,6 +484,8 @@ def build(config: Config, run_dir: Path) -> Setup:
     if config.lora.enabled:
         lora = config.lora
         apply_lora(student, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
+    if device_of(student).type == "cpu":
+        keep_freed_memory()
     if not (distributed.is_distributed() and config.distributed.strategy == "fsdp2"):
         use_onednn(student, m.cpu_matmul)
     student_ddp = distributed.parallelize(student, config.distributed)
