@@ -121,6 +121,12 @@ class ModelConfig(_Section):
         "on AMD CPUs), torch (its BLAS), auto: onednn on x86-64 where torch has it",
     )
 
+    keep_freed_memory: bool = Field(
+        True,
+        description="CPU runs: glibc's malloc keeps freed blocks up to 1 GiB for reuse instead "
+        "of unmapping them (10-35% faster steps; peak RSS can rise by up to ~25%)",
+    )
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, device: str) -> str:

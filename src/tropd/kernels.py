@@ -191,8 +191,10 @@ def keep_freed_memory() -> bool:
     instead of returning them to the OS (its defaults unmap blocks over 32 MB on free and
     trim the heap top): a training step allocates and frees the same large tensors every
     step (gradients of a [V, H] embedding, logits blocks), and each fresh mapping costs a
-    page fault per 4 KB page, ~10% of a CPU step. Peak memory is unchanged; memory freed
-    after the peak stays with the process. False where malloc is not glibc's."""
+    page fault per 4 KB page: 10-35% of a CPU step (`bench/throughput.py`). The cost is
+    memory: freed blocks stay with the process, and the heap fragments, so peak RSS can
+    rise above the live peak (by up to ~25% measured, vocabulary 152k). False where
+    malloc is not glibc's. `model.keep_freed_memory: false` leaves malloc alone."""
     if platform.system() != "Linux":
         return False
     try:

@@ -484,7 +484,7 @@ def build(config: Config, run_dir: Path) -> Setup:
     if config.lora.enabled:
         lora = config.lora
         apply_lora(student, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
-    if device_of(student).type == "cpu":
+    if m.keep_freed_memory and device_of(student).type == "cpu":
         keep_freed_memory()
     if not (distributed.is_distributed() and config.distributed.strategy == "fsdp2"):
         use_onednn(student, m.cpu_matmul)
