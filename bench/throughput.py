@@ -525,7 +525,12 @@ def step_sample(
 
 
 def run_tropd(
-    objective: str, shape: Shape, models: Path, sampler: StepSampler, precision: str
+    objective: str,
+    shape: Shape,
+    models: Path,
+    sampler: StepSampler,
+    precision: str,
+    overrides: list[str],
 ) -> dict[str, Any]:
     from tropd.config import load_config
     from tropd.objectives import get_objective
@@ -556,6 +561,7 @@ def run_tropd(
             f"optim.grad_clip={GRAD_CLIP}",
             f"optim.micro_batch_size={shape.prompts}",
             "eval.every=0",
+            *overrides,
         ],
     )
     with tempfile.TemporaryDirectory() as run_dir:
@@ -783,7 +789,14 @@ def worker(args: argparse.Namespace) -> None:
     models = Path(args.models)
     tic = time.perf_counter()
     if args.worker.startswith("tropd-"):
-        info = run_tropd(args.worker.removeprefix("tropd-"), shape, models, sampler, args.precision)
+        info = run_tropd(
+            args.worker.removeprefix("tropd-"),
+            shape,
+            models,
+            sampler,
+            args.precision,
+            args.tropd_set,
+        )
     else:
         info = run_trl(args.worker, shape, models, sampler, args.precision)
     result = {
@@ -822,6 +835,7 @@ def run_worker(system: str, shape: Shape, models: Path, args: argparse.Namespace
         str(args.steps),
         "--threads",
         str(args.threads),
+        *(f"--tropd-set={item}" for item in args.tropd_set),
     ]
     result, _ = run_worker_process(command, env, RESULT_MARKER, WORKER_TIMEOUT_S)
     return result if "error" not in result else {"system": system, "shape": shape.name, **result}
@@ -969,8 +983,9 @@ def settings_line(
         for name in ("torch", "onednn")
         if any(name + "_gflops" in p for p in peaks)
     )
+    changed = f"tropd overrides: {' '.join(args.tropd_set)}; " if args.tropd_set else ""
     return (
-        f"{precision_words(args.precision)}, {args.threads} threads, {args.steps} timed "
+        f"{changed}{precision_words(args.precision)}, {args.threads} threads, {args.steps} timed "
         f"steps (+1 warm-up) per fresh process, interleaved repetitions; 1 sample/prompt, "
         f"temperature 1, top-p 1, no top-k; fused AdamW lr {LR} constant, grad clip "
         f"{GRAD_CLIP}; TRL: gradient checkpointing off (TRL default: on), no vLLM; "
@@ -1044,6 +1059,7 @@ def report(
         "shapes": [asdict(s) for s in shapes],
         "systems": systems,
         "precision": args.precision,
+        "tropd_set": args.tropd_set,
         "steps": args.steps,
         "reps": {s.name: args.reps or s.reps for s in shapes},
         "threads": args.threads,
@@ -1088,6 +1104,14 @@ def parse_args() -> argparse.Namespace:
         default="fp32",
         help="bf16: tropd with model.autocast=bf16, TRL with bf16=True (its default); "
         "float32 weights either way",
+    )
+    parser.add_argument(
+        "--tropd-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for the tropd systems (repeatable), e.g. "
+        "model.keep_freed_memory=false or guidance.cap_unit=tokens",
     )
     parser.add_argument("--shape", help=argparse.SUPPRESS)  # a worker's shape, as JSON
     parser.add_argument("--models", help=argparse.SUPPRESS)
