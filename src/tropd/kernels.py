@@ -1,9 +1,10 @@
 """Float32 linear layers on CPU through oneDNN instead of the BLAS torch calls.
 
-torch multiplies float32 matrices on CPU with its BLAS (MKL on x86). On an AMD CPU MKL
-runs its AVX2 code (about 215 GFLOP/s on this project's 2-core AMD EPYC, AVX-512), while
-oneDNN, which torch also ships, runs AVX-512: about 2.3x that on training-sized products
-and 2-4x on the few-row products of decoding (`bench/throughput.py` measures both peaks).
+torch multiplies float32 matrices on CPU with its BLAS (MKL on x86). On this project's
+2-core AMD EPYC (AVX-512) MKL reaches about 211 GFLOP/s (it takes its AVX2 path on AMD
+CPUs), while oneDNN, which torch also ships, reaches about 450: 2.1-2.3x on
+training-sized products and 2-4x on the few-row products of decoding
+(`bench/throughput.py` measures both peaks).
 `use_onednn(model)` makes every `nn.Linear` of a model compute its product with oneDNN:
 
 - with autograd (training): `_OneDNNLinear`, forward and both backward products in oneDNN;
