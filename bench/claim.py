@@ -103,6 +103,15 @@ VARIANTS = {
         "guidance.guided_fraction=0.5",
         "guidance.prefix=uniform",
     ],
+    # The shipped default with the cap in tokens (a share of rollout.max_new_tokens):
+    # the teacher then stops writing at the cap instead of writing whole responses.
+    "beta_1+guided_0.5+uniform+tokens": [
+        "objective.options.beta=1.0",
+        "guidance.guided_fraction=0.5",
+        "guidance.prefix=uniform",
+        "guidance.cap_unit=tokens",
+        "guidance.initial_cap=null",
+    ],
     # The guidance this project shipped before: every rollout guided from a cap of
     # rollout.max_new_tokens tokens (whole teacher responses at first), prefix tokens
     # in one mean with the student's.
@@ -116,16 +125,19 @@ VARIANTS = {
 GUIDANCE_CELLS = ("strong", "none")
 
 
-def run_specs(part: str, cells, seeds, methods) -> list[tuple[str, str, str, int, list[str]]]:
-    """(part, cell, name, seed, overrides) of every run of `part`."""
+def run_specs(
+    part: str, cells, seeds, methods, variants=tuple(VARIANTS)
+) -> list[tuple[str, str, str, int, list[str]]]:
+    """(part, cell, name, seed, overrides) of every run of `part` (of the guidance
+    part: of `variants`)."""
     specs = []
     for cell in cells:
         for seed in seeds:
             if part == "guidance":
                 if cell in GUIDANCE_CELLS:
                     specs += [
-                        (part, cell, name, seed, GUIDANCE_BASE + extra)
-                        for name, extra in VARIANTS.items()
+                        (part, cell, name, seed, GUIDANCE_BASE + VARIANTS[name])
+                        for name in variants
                     ]
             else:
                 specs += [
@@ -222,6 +234,9 @@ def main() -> None:
     first = ["opd", "fkl_outlier", "tropd"]
     ordered = first + [m for m in list_objectives() if m not in first]
     parser.add_argument("--methods", default=",".join(ordered))
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="of the guidance part: which ones"
+    )
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--report", action="store_true", help="only write the report")
@@ -234,7 +249,12 @@ def main() -> None:
     methods = args.methods.split(",")
     pairs = {cell: prepare_pair(cell) for cell in cells}
     if not args.report:
-        specs = [s for p in parts if p != "cells" for s in run_specs(p, cells, seeds, methods)]
+        variants = args.variants.split(",")
+        if unknown := sorted(set(variants) - set(VARIANTS)):
+            sys.exit(f"--variants: unknown {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+        specs = [
+            s for p in parts if p != "cells" for s in run_specs(p, cells, seeds, methods, variants)
+        ]
         if args.worker is not None:
             for spec in specs[args.worker :: args.workers]:
                 run_one(spec, pairs, args.out)
