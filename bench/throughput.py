@@ -1,6 +1,6 @@
 """Step throughput of on-policy distillation: tropd vs TRL, side by side, on CPU.
 
-Four systems run full on-policy distillation steps (student samples -> teacher scores ->
+Six systems run full on-policy distillation steps (student samples -> teacher scores ->
 student forward/backward -> AdamW step) on the same models, prompts and budgets:
 
 - `tropd-opd`: `tropd.train.loop.train_step` with objective `opd`.
