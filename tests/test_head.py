@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import guided_rollout
 
 from tropd.batch import align_logits
 from tropd.config import load_config
@@ -21,28 +22,7 @@ FAST = [name for name in list_objectives() if REGISTRY[name].chunked_head]
 @pytest.fixture(scope="module")
 def scored(tiny_pair, tmp_path_factory):
     """(setup, batch): 3 prompts × 2 rollouts, half of them guided, scored with top-8."""
-    teacher, student = tiny_pair
-    config = load_config(
-        None,
-        [
-            f"model.teacher={teacher}",
-            f"model.student={student}",
-            f"run.output_dir={tmp_path_factory.mktemp('run')}",
-            "run.progress=false",
-            "run.steps=4",
-            "rollout.prompts_per_step=3",
-            "rollout.samples_per_prompt=2",
-            "rollout.max_new_tokens=7",
-            "teacher.top_k=8",
-            "guidance.enabled=true",
-            "guidance.schedule=constant",
-            "guidance.guided_fraction=0.5",
-            "optim.head_chunk=5",
-        ],
-    )
-    setup = loop.build(config, tmp_path_factory.mktemp("dir"))
-    torch.manual_seed(0)
-    batch, _ = loop.rollout(setup, setup.train_prompts[:3], step=1)
+    setup, batch = guided_rollout(tiny_pair, tmp_path_factory.mktemp("run"), "run.steps=4")
     # Without the KV cache of the teacher's prefix writing, so that this scoring and the
     # tests' own (which find the cache used) run the same full forward: the cached states
     # come from the decoding loop's reordered weights, equal only to float32 rounding.

@@ -10,6 +10,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from conftest import guided_rollout
 
 from tropd.config import load_config
 from tropd.models import forward_precision, native_bf16
@@ -36,28 +37,9 @@ def bound(layers: int) -> float:
 @pytest.fixture(scope="module")
 def fixed(tiny_pair, tmp_path_factory):
     """(setup, batch): 3 prompts x 2 rollouts, half guided, scored by the float32 teacher."""
-    teacher, student = tiny_pair
-    config = load_config(
-        None,
-        [
-            f"model.teacher={teacher}",
-            f"model.student={student}",
-            "model.dtype=float32",
-            "model.device=cpu",
-            "run.progress=false",
-            "rollout.prompts_per_step=3",
-            "rollout.samples_per_prompt=2",
-            "rollout.max_new_tokens=7",
-            "teacher.top_k=8",
-            "guidance.enabled=true",
-            "guidance.schedule=constant",
-            "guidance.guided_fraction=0.5",
-            "optim.head_chunk=5",
-        ],
+    setup, batch = guided_rollout(
+        tiny_pair, tmp_path_factory.mktemp("run"), "model.dtype=float32", "model.device=cpu"
     )
-    setup = loop.build(config, tmp_path_factory.mktemp("run"))
-    torch.manual_seed(0)
-    batch, _ = loop.rollout(setup, setup.train_prompts[:3], step=1)
     batch = score_batch(setup.teacher, batch, top_k=8)
     assert bool(batch.teacher_mask.any()) and bool(batch.student_mask.any())
     return setup, batch

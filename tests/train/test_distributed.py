@@ -14,7 +14,6 @@ by far more than 1e-4 (student_entropy 0.981 against 0.899 once).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import config_file, read_metrics, tiny_config
 from dist_harness import per_prompt_rollout
 from transformers import AutoModelForCausalLM
 
@@ -83,20 +82,7 @@ GLOBAL_KEYS = (
 
 
 def write_config(pair, run_dir: Path, *overrides: str) -> Path:
-    teacher, student = pair
-    config = load_config(
-        None,
-        [
-            f"model.teacher={teacher}",
-            f"model.student={student}",
-            f"run.output_dir={run_dir}",
-            *SETTINGS,
-            *overrides,
-        ],
-    )
-    path = run_dir.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    return path
+    return config_file(tiny_config(pair, run_dir, *SETTINGS, *overrides), run_dir)
 
 
 def run_ranks(tmp: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -117,10 +103,6 @@ def run_ranks(tmp: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProc
 
 def harness(tmp: Path, config: Path, *flags: str) -> subprocess.CompletedProcess:
     return run_ranks(tmp, str(HARNESS), str(config), *flags)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import one_line
+from conftest import (
+    assert_resumed_run_matches,
+    interrupted_run,
+    one_line,
+    read_metrics,
+    tiny_config,
+)
 from transformers import AutoModelForCausalLM
 
 from tropd import cli
@@ -34,21 +40,15 @@ def sharp_pair(tiny_pair, tmp_path_factory) -> tuple[str, str]:
 
 
 def make_config(pair, run_dir: Path, *overrides: str):
-    teacher, student = pair
-    return load_config(
-        None,
-        [
-            f"model.teacher={teacher}",
-            f"model.student={student}",
-            f"run.output_dir={run_dir}",
-            "run.progress=false",
-            "rollout.prompts_per_step=8",
-            "rollout.samples_per_prompt=4",
-            "rollout.max_new_tokens=8",
-            "teacher.top_k=8",
-            "eval.num_prompts=32",
-            *overrides,
-        ],
+    return tiny_config(
+        pair,
+        run_dir,
+        "rollout.prompts_per_step=8",
+        "rollout.samples_per_prompt=4",
+        "rollout.max_new_tokens=8",
+        "teacher.top_k=8",
+        "eval.num_prompts=32",
+        *overrides,
     )
 
 
@@ -142,10 +142,6 @@ def test_vllm_gets_the_weights_only_when_it_samples(tiny_pair, tmp_path) -> None
     assert setup.vllm.pushed == len(list(setup.student.parameters()))
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("objective", ["opd", "tropd"])
 def test_reverse_kl_on_heldout_prompts_falls(sharp_pair, tmp_path, objective):
     config = make_config(
@@ -217,29 +213,11 @@ def test_resume_after_interruption_matches_uninterrupted_run(sharp_pair, tmp_pat
     full = loop.train(make_config(sharp_pair, tmp_path / "full", *common))
 
     partial_config = make_config(sharp_pair, tmp_path / "killed", *common)
-    real_step = loop.train_step
-
-    def dies_at_step_4(setup, step, rank, world_size):
-        if step == 4:
-            raise KeyboardInterrupt  # after the step-2 checkpoint and step 3's metrics
-        return real_step(setup, step, rank, world_size)
-
-    monkeypatch.setattr(loop, "train_step", dies_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(partial_config)
-    monkeypatch.setattr(loop, "train_step", real_step)
+    interrupted_run(monkeypatch, partial_config, at_step=4)  # after step 2's checkpoint
     assert [m["step"] for m in read_metrics(tmp_path / "killed")] == [0, 1, 2, 3]
     resumed = loop.train(partial_config, resume=True)
-
-    expected, got = read_metrics(full), read_metrics(resumed)
-    assert [m["step"] for m in got] == [0, 1, 2, 3, 4, 5]
-    for a, b in zip(expected, got, strict=True):
-        for key in (k for k in a if not k.startswith("time_")):  # timings differ
-            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
-    final_a = AutoModelForCausalLM.from_pretrained(full / "final").state_dict()
-    final_b = AutoModelForCausalLM.from_pretrained(resumed / "final").state_dict()
-    for name, tensor in final_a.items():
-        torch.testing.assert_close(final_b[name], tensor, rtol=0, atol=1e-6)
+    assert [m["step"] for m in read_metrics(resumed)] == [0, 1, 2, 3, 4, 5]
+    assert_resumed_run_matches(full, resumed)
 
 
 def poison_objective(monkeypatch) -> dict:

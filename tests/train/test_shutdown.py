@@ -7,7 +7,6 @@ that agree on the step to stop at) are in `test_distributed.py`.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from transformers import AutoModelForCausalLM
+from conftest import assert_resumed_run_matches, config_file, read_metrics, tiny_config
 
 from tropd import cli
 from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch
@@ -28,30 +26,18 @@ from tropd.train.checkpoint import list_checkpoints
 
 
 def write_config(pair, run_dir: Path, *overrides: str) -> Path:
-    teacher, student = pair
-    config = load_config(
-        None,
-        [
-            f"model.teacher={teacher}",
-            f"model.student={student}",
-            f"run.output_dir={run_dir}",
-            "run.progress=false",
-            "rollout.prompts_per_step=4",
-            "rollout.samples_per_prompt=2",
-            "rollout.max_new_tokens=6",
-            "teacher.top_k=8",
-            "eval.num_prompts=8",
-            "optim.lr=1e-2",
-            *overrides,
-        ],
+    config = tiny_config(
+        pair,
+        run_dir,
+        "rollout.prompts_per_step=4",
+        "rollout.samples_per_prompt=2",
+        "rollout.max_new_tokens=6",
+        "teacher.top_k=8",
+        "eval.num_prompts=8",
+        "optim.lr=1e-2",
+        *overrides,
     )
-    path = run_dir.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    return path
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return config_file(config, run_dir)
 
 
 # --- SIGTERM / SIGINT -------------------------------------------------------------------
@@ -89,15 +75,8 @@ def test_sigterm_finishes_the_step_checkpoints_and_resume_continues_identically(
 
     monkeypatch.setattr(loop, "train_step", real_step)
     assert cli.main(["train", config, "--resume"]) == cli.EXIT_OK
-    expected, got = read_metrics(full), read_metrics(stopped)
-    assert [m["step"] for m in got] == [0, 1, 2, 3, 4, 5]
-    for a, b in zip(expected, got, strict=True):
-        for key in (k for k in a if not k.startswith("time_")):  # timings differ
-            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["step"], key)
-    weights = AutoModelForCausalLM.from_pretrained(full / "final").state_dict()
-    resumed = AutoModelForCausalLM.from_pretrained(stopped / "final").state_dict()
-    for name, tensor in weights.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert [m["step"] for m in read_metrics(stopped)] == [0, 1, 2, 3, 4, 5]
+    assert_resumed_run_matches(full, stopped)
 
 
 def test_stop_signals_record_the_first_and_a_second_ctrl_c_interrupts():

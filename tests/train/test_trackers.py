@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_line
+from conftest import interrupted_run, one_line, tiny_config
 
 from tropd import cli
 from tropd.config import ConfigError, load_config
@@ -23,21 +23,15 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def make_config(pair: tuple[str, str], run_dir: Path, *overrides: str):
-    teacher, student = pair
-    return load_config(
-        None,
-        [
-            f"model.teacher={teacher}",
-            f"model.student={student}",
-            f"run.output_dir={run_dir}",
-            "run.progress=false",
-            "rollout.prompts_per_step=4",
-            "rollout.samples_per_prompt=2",
-            "rollout.max_new_tokens=6",
-            "teacher.top_k=4",
-            "eval.num_prompts=8",
-            *overrides,
-        ],
+    return tiny_config(
+        pair,
+        run_dir,
+        "rollout.prompts_per_step=4",
+        "rollout.samples_per_prompt=2",
+        "rollout.max_new_tokens=6",
+        "teacher.top_k=4",
+        "eval.num_prompts=8",
+        *overrides,
     )
 
 
@@ -110,17 +104,7 @@ def test_tensorboard_holds_every_metric_the_config_and_the_samples_across_a_resu
         "eval.every=4",
         "run.report_to=[tensorboard]",
     )
-    real_step = loop.train_step
-
-    def dies_at_step_4(setup, step, rank, world_size):
-        if step == 4:
-            raise KeyboardInterrupt  # after the step-2 checkpoint and step 3's metrics
-        return real_step(setup, step, rank, world_size)
-
-    monkeypatch.setattr(loop, "train_step", dies_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(config)
-    monkeypatch.setattr(loop, "train_step", real_step)
+    interrupted_run(monkeypatch, config, at_step=4)  # after step 2's checkpoint
     # Step 3 was logged before the kill, then redone after resuming from step 2: the
     # event files must show the redone one only.
     assert 3 in tensorboard_scalars(tmp_path / "run")["loss"]

@@ -142,12 +142,7 @@ def _wandb(
     )
     ids["wandb"] = run.id
     stack.callback(run.finish)
-
-    def log(numbers: dict[str, float], step: int, samples: list[dict[str, Any]]) -> None:
-        table = {"samples": wandb.Table(columns=list(SAMPLE_COLUMNS), data=_rows(samples))}
-        run.log({**numbers, **(table if samples else {})}, step=step)
-
-    return log
+    return _logging_tables(run, wandb.Table)
 
 
 def _trackio(
@@ -162,10 +157,16 @@ def _trackio(
         resume="allow" if start else "never",  # runs are found by name; a new run is new
     )
     stack.callback(trackio.finish)
+    return _logging_tables(run, trackio.Table)
+
+
+def _logging_tables(run, table) -> LogStep:
+    """`LogStep` for a W&B-style run: `run.log(numbers, step=)`, the step's samples as a
+    `table(columns=, data=)` under `samples` when there are any."""
 
     def log(numbers: dict[str, float], step: int, samples: list[dict[str, Any]]) -> None:
-        table = {"samples": trackio.Table(columns=list(SAMPLE_COLUMNS), data=_rows(samples))}
-        run.log({**numbers, **(table if samples else {})}, step=step)
+        extra = {"samples": table(columns=list(SAMPLE_COLUMNS), data=_rows(samples))}
+        run.log({**numbers, **(extra if samples else {})}, step=step)
 
     return log
 
