@@ -23,7 +23,7 @@ import ctypes
 import ctypes.util
 import platform
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
@@ -208,3 +208,34 @@ def keep_freed_memory() -> bool:
         mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES)
         and mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
     )
+
+
+def fused_linear(layers: list[nn.Linear]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """No-grad `x -> cat([layer(x) for layer in layers], -1)` as one product, for a
+    decoding loop: the weights concatenated once (and reordered for oneDNN when every
+    layer is a switched one and autocast is off); the weights must not change while the
+    function is in use."""
+    weight = torch.cat([layer.weight.detach() for layer in layers])
+    bias = None
+    if any(layer.bias is not None for layer in layers):
+        bias = torch.cat(
+            [
+                layer.bias.detach()
+                if layer.bias is not None
+                else weight.new_zeros(layer.out_features)
+                for layer in layers
+            ]
+        )
+    if not (
+        all(routed(layer.weight) for layer in layers)
+        and _plain(bias)
+        and not torch.is_autocast_enabled("cpu")
+    ):
+        return lambda x: F.linear(x, weight, bias)
+    packed = _reorder(weight)
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        return _product(flat, packed, bias).reshape(*x.shape[:-1], -1)
+
+    return product

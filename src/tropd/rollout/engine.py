@@ -13,6 +13,7 @@ import torch
 from tropd.batch import left_pad
 from tropd.head import chunked_head_supported, hidden_only, lm_head
 from tropd.kernels import OneDNNLinear, decoding
+from tropd.rollout.lean import LeanStepper, lean_supported
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,8 @@ def _decode(
     modes = [m.training for m in models]
     for m in models:
         m.eval()
-    steppers = [_Stepper(m, local=not synced) for m in models]
     width = inputs.shape[1]
+    steppers = [_stepper(m, not synced, len(inputs), width + budget) for m in models]
     keep = keep and bool(prompts) and steppers[0].head is not None
     if keep:
         steppers[0].hidden = []
@@ -191,6 +192,14 @@ def _decode(
             Generation(row[:stop], recorded[i, :stop].tolist(), eos_token_id in row[:stop])
         )
     return results, state
+
+
+def _stepper(model, local: bool, rows: int, columns: int):
+    """`LeanStepper` where it computes the model's forward (`lean_supported`), else the
+    model's own forward (`_Stepper`)."""
+    if local and lean_supported(model):
+        return LeanStepper(model, rows, columns)
+    return _Stepper(model, local)
 
 
 class _Stepper:

@@ -1,0 +1,223 @@
+"""A lean decoding step for Llama-family causal LMs (Llama, Qwen2): the same
+computation as the model's own forward, without its per-call machinery.
+
+A Hugging Face forward builds attention masks, rotary tables, cache objects and output
+records at every step, and runs each projection as its own module call; on a CPU, with a
+few rows and a small model, that Python work costs several times the arithmetic
+(`bench/throughput.py`, SmolLM2-135M: decoding at 4.4x its FLOP floor). `LeanStepper`
+runs a decoding loop's steps on the model's own parameters with a preallocated KV cache,
+one product for the query/key/value projections and one for gate and up (their weights
+concatenated once per loop, and reordered for oneDNN where the layers use it), and the
+model's own rotary embedding and activation. It is used only where `lean_supported`
+holds: the modules are exactly the supported classes, and a check decoding run once per
+model agrees with the model's own forward to float rounding.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tropd.kernels import OneDNNLinear, fused_linear
+
+SUPPORTED = {
+    "LlamaForCausalLM": ("LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "LlamaRMSNorm"),
+    "Qwen2ForCausalLM": ("Qwen2DecoderLayer", "Qwen2Attention", "Qwen2MLP", "Qwen2RMSNorm"),
+}
+_LINEAR = (nn.Linear, OneDNNLinear)
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def lean_supported(model) -> bool:
+    """Whether `LeanStepper` computes `model`'s forward: a supported architecture built of
+    exactly its own module classes (no adapters), full attention in every layer,
+    a plain linear head (`chunked_head_supported`), and a 2-step check decoding within
+    float rounding of the model's own logits (run once per model)."""
+    if model not in _CHECKED:
+        _CHECKED[model] = _structure_fits(model) and _agrees(model)
+    return _CHECKED[model]
+
+
+def _structure_fits(model) -> bool:
+    from tropd.head import chunked_head_supported
+
+    names = SUPPORTED.get(type(model).__name__)
+    inner = getattr(model, "model", None)
+    if names is None or inner is None or not chunked_head_supported(model):
+        return False
+    config = model.config
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return False
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
+        return False
+    if type(inner.embed_tokens) is not nn.Embedding or type(inner.norm).__name__ != names[3]:
+        return False
+    for layer in inner.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if (
+            type(layer).__name__ != names[0]
+            or type(attn).__name__ != names[1]
+            or type(mlp).__name__ != names[2]
+            or type(layer.input_layernorm).__name__ != names[3]
+            or type(layer.post_attention_layernorm).__name__ != names[3]
+        ):
+            return False
+        projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+        projections += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if any(type(p) not in _LINEAR for p in projections):
+            return False
+    return True
+
+
+def _agrees(model) -> bool:
+    """A 2-row check decoding (left padding, a 3-token prefill, 2 steps) against the
+    model's own forward on the same tokens, to float rounding of its dtype."""
+    device = next(model.parameters()).device
+    tokens = torch.tensor([[0, 1, 2, 3, 4], [0, 5, 6, 7, 8]], device=device)
+    tokens = tokens % model.config.vocab_size
+    attention = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], device=device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            theirs = model(input_ids=tokens, attention_mask=attention, position_ids=positions)
+            theirs = theirs.logits[:, 2:].float()
+            stepper = LeanStepper(model, rows=2, columns=5)
+            ours = [stepper(tokens[:, :3], attention[:, :3], positions[:, :3])]
+            for c in (3, 4):
+                step = (tokens[:, c : c + 1], attention[:, : c + 1], positions[:, c : c + 1])
+                ours.append(stepper(*step))
+    finally:
+        model.train(training)
+    ours = torch.stack(ours, 1)
+    # Both sides round differently (fused products, another attention kernel); the
+    # difference is a few units of the dtype's rounding of the logits' scale.
+    scale = theirs.abs().amax().clamp(min=1.0)
+    eps = torch.finfo(next(model.parameters()).dtype).eps
+    return bool((ours - theirs).abs().amax() <= 64 * eps * scale * len(model.model.layers))
+
+
+class LeanStepper:
+    """One model in `tropd.rollout.engine.decode`'s loop, like its `_Stepper`: next-token
+    fp32 logits `[N, V]` from the tokens appended since the last call, the final hidden
+    states kept when `hidden` is a list, and `cache` the model's KV cache (a transformers
+    `DynamicCache`, built when read) for scoring on top of it.
+
+    `rows`, `columns`: the loop's rows and the most cache columns it will fill (prompt
+    width plus token budget)."""
+
+    def __init__(self, model, rows: int, columns: int):
+        inner = model.model
+        config = model.config
+        self.model = model
+        self.hidden: list[torch.Tensor] | None = None
+        self.head = model.get_output_embeddings()
+        self.embed, self.final_norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
+        first = inner.layers[0].self_attn
+        self.rotate = sys.modules[type(first).__module__].apply_rotary_pos_emb
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = first.head_dim
+        self.scaling = first.scaling
+        weight = self.head.weight
+        shape = (len(inner.layers), rows, self.kv_heads, columns, self.head_dim)
+        self.keys = weight.new_empty(shape)
+        self.values = weight.new_empty(shape)
+        self.filled = 0
+        self.layers = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                (
+                    _norm(layer.input_layernorm),
+                    fused_linear([attn.q_proj, attn.k_proj, attn.v_proj]),
+                    fused_linear([attn.o_proj]),
+                    _norm(layer.post_attention_layernorm),
+                    fused_linear([mlp.gate_proj, mlp.up_proj]),
+                    mlp.act_fn,
+                    fused_linear([mlp.down_proj]),
+                )
+            )
+        self.norm = _norm(inner.norm)
+
+    @property
+    def cache(self):
+        """The filled columns as a transformers `DynamicCache` (a copy)."""
+        from transformers import DynamicCache
+
+        end = self.filled
+        return DynamicCache(
+            ddp_cache_data=[
+                (k[:, :, :end], v[:, :, :end]) for k, v in zip(self.keys, self.values, strict=True)
+            ]
+        )
+
+    def __call__(self, inputs, attention, positions) -> torch.Tensor:
+        rows, new = inputs.shape
+        start, end = self.filled, self.filled + new
+        x = self.embed(inputs)
+        cos, sin = self.rotary(x, positions)
+        mask = _mask(attention.bool(), start, new)
+        q_width = self.heads * self.head_dim
+        kv_width = self.kv_heads * self.head_dim
+        group = self.heads // self.kv_heads
+        for i, (norm1, qkv, out, norm2, gate_up, act, down) in enumerate(self.layers):
+            h = qkv(norm1(x))
+            q, k, v = h.split([q_width, kv_width, kv_width], -1)
+            q = q.view(rows, new, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(rows, new, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(rows, new, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self.rotate(q, k, cos, sin)
+            self.keys[i, :, :, start:end] = k
+            self.values[i, :, :, start:end] = v
+            keys, values = self.keys[i, :, :, :end], self.values[i, :, :, :end]
+            if new == 1 and group > 1:  # the query heads of a group as one group's queries
+                q = q.reshape(rows, self.kv_heads, group, self.head_dim)
+                a = F.scaled_dot_product_attention(q, keys, values, mask, scale=self.scaling)
+            else:
+                if group > 1:
+                    keys = keys.repeat_interleave(group, 1)
+                    values = values.repeat_interleave(group, 1)
+                a = F.scaled_dot_product_attention(q, keys, values, mask, scale=self.scaling)
+                a = a.transpose(1, 2)
+            x = x + out(a.reshape(rows, new, q_width))
+            g, u = gate_up(norm2(x)).chunk(2, -1)
+            x = x + down(act(g) * u)
+        self.filled = end
+        last = self.norm(x[:, -1])
+        if self.hidden is not None:
+            self.hidden.append(last)
+        if isinstance(self.head, OneDNNLinear):
+            return self.head(last).float()
+        from tropd.head import lm_head
+
+        return lm_head(last, self.head.weight, self.head.bias).float()
+
+
+def _mask(attention: torch.Tensor, start: int, new: int) -> torch.Tensor:
+    """`[N, 1, new, C]` boolean: query t (cache column start + t) sees the real columns up
+    to itself, and always itself (so a padding query's row is never empty)."""
+    if new == 1:
+        return attention[:, None, None, :]
+    columns = torch.arange(attention.shape[1], device=attention.device)
+    query = torch.arange(start, start + new, device=attention.device)[:, None]
+    seen = (columns <= query) & (attention[:, None, :] | (columns == query))
+    return seen[:, None]
+
+
+def _norm(module):
+    """An RMSNorm module as a function, computed as the module does."""
+    weight, eps = module.weight, module.variance_epsilon
+
+    def norm(x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x.to(dtype)
+
+    return norm
