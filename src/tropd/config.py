@@ -232,7 +232,8 @@ class TeacherConfig(_Section):
         1024,
         gt=0,
         le=MAX_TOKENS,
-        description="positions per chunk when scoring (bounds [chunk, V] memory)",
+        description="positions per chunk when scoring (bounds [chunk, V] memory; fewer where "
+        "a chunk's fp32 logits would pass 64 MiB)",
     )
     url: str | None = Field(
         None,

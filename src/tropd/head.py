@@ -142,7 +142,6 @@ class _ChunkedHead(torch.autograd.Function):
         low = ctx.matmul_dtype
         head = weight if low is None else weight.to(low)
         fast = low is None and routed(weight) and states.dtype == weight.dtype
-        head_t = head.t().contiguous() if fast and need_states else None
         grad_states = torch.zeros_like(states) if need_states else None
         grad_weight = torch.zeros_like(weight, dtype=wide) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=wide) if need_bias else None
@@ -160,9 +159,9 @@ class _ChunkedHead(torch.autograd.Function):
                 grad_logits = (logits - lse[rows]).exp_().mul_(scale)
             grad_logits.scatter_add_(0, ids[rows].t(), grad.t())
             grad_logits = grad_logits.to(head.dtype if low else states.dtype)  # [V, rows]
-            if need_states and fast:
-                grad_states[rows] = mm_nt(grad_logits.t(), head_t)
-            elif need_states:
+            if need_states:
+                # torch's own product: both operands are read transposed, which oneDNN's
+                # NT products would need copies of (the whole [H, V] head) to do
                 grad_states[rows] = grad_logits.t() @ head
             if need_weight and fast:
                 grad_weight += mm_nt(grad_logits, states[rows].t())

@@ -258,3 +258,21 @@ def test_allocation_log_sees_a_full_vocabulary_tensor(memory_batch) -> None:
     wide = [s for s in log.shapes if s and s[-1] == 1024]
     assert max(torch.Size(s[:-1]).numel() for s in wide) == memory_batch.tokens.numel()
     assert log.peak >= memory_batch.tokens.numel() * 1024 * 4
+
+
+def test_chunks_also_stay_under_the_byte_bound(memory_batch, monkeypatch) -> None:
+    """A chunk of positions whose `[chunk, V]` fp32 logits would pass `CHUNK_BYTES` is
+    scored in fewer rows (here 5 of the 64 asked), with the same result."""
+    import tropd.teacher as scoring
+
+    model = wide_vocab_model(1024)
+    whole = score_batch(model, memory_batch, top_k=4, chunk_size=64)
+    monkeypatch.setattr(scoring, "CHUNK_BYTES", 5 * 1024 * 4 + 7)
+    log = AllocationLog()
+    with log:
+        bounded = score_batch(model, memory_batch, top_k=4, chunk_size=64)
+    wide = [s for s in log.shapes if s and s[-1] == 1024]
+    assert max(torch.Size(s[:-1]).numel() for s in wide) == 5
+    for name in ("teacher_logprobs", "teacher_topk_logprobs", "teacher_entropy"):
+        torch.testing.assert_close(getattr(bounded, name), getattr(whole, name))
+    assert torch.equal(bounded.teacher_topk_ids, whole.teacher_topk_ids)

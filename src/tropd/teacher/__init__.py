@@ -8,6 +8,13 @@ from tropd.batch import PROMPT, TokenBatch
 from tropd.head import final_hidden_states, head_logits, hidden_only
 from tropd.rollout.engine import cache_argument
 
+CHUNK_BYTES = 64 * 2**20  # fp32 logits per scoring chunk at most (a few such temporaries)
+
+
+def _vocab(model) -> int:
+    head = model.get_output_embeddings()
+    return head.weight.shape[0] if head is not None else model.config.vocab_size
+
 
 @torch.no_grad()
 def score_batch(
@@ -19,8 +26,9 @@ def score_batch(
 ) -> TokenBatch:
     """Teacher log-prob of each response token, top-k ids/log-probs, and entropy.
 
-    Only response positions (origin > 0) are scored, `chunk_size` positions at a time, so
-    the largest fp32 tensors are `[chunk_size, V]`, never `[B, T, V]`. Top-k log-probs are
+    Only response positions (origin > 0) are scored, `chunk_size` positions at a time (fewer
+    where `[chunk_size, V]` fp32 logits would pass `CHUNK_BYTES`), so the largest fp32
+    tensors are `[chunk, V]`, never `[B, T, V]`. Top-k log-probs are
     full-vocabulary log-probs (not renormalised). Non-response positions hold 0 (ids 0).
     Returns a new batch with `teacher_logprobs [B, T]`, `teacher_topk_ids [B, T, K]`,
     `teacher_topk_logprobs [B, T, K]` and `teacher_entropy [B, T]`; `top_k=0` leaves the
@@ -38,6 +46,7 @@ def score_batch(
     top_ids = torch.zeros(n, top_k, dtype=torch.long, device=device)
     ent = torch.zeros(n, device=device)
     predicting = predicting_states(model, batch, positions)
+    chunk_size = min(chunk_size, max(1, CHUNK_BYTES // (4 * _vocab(model))))
     for start in range(0, n, chunk_size):
         part = slice(start, start + chunk_size)
         logits = head_logits(model, predicting[part])  # fp32 (a bf16 product under autocast)
