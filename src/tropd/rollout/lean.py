@@ -15,7 +15,6 @@ model agrees with the model's own forward to float rounding.
 
 from __future__ import annotations
 
-import sys
 import weakref
 
 import torch
@@ -119,7 +118,6 @@ class LeanStepper:
         self.head = model.get_output_embeddings()
         self.embed, self.final_norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         first = inner.layers[0].self_attn
-        self.rotate = sys.modules[type(first).__module__].apply_rotary_pos_emb
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = first.head_dim
@@ -139,7 +137,7 @@ class LeanStepper:
                     fused_linear([attn.o_proj]),
                     _norm(layer.post_attention_layernorm),
                     fused_linear([mlp.gate_proj, mlp.up_proj]),
-                    mlp.act_fn,
+                    _activation(mlp.act_fn),
                     fused_linear([mlp.down_proj]),
                 )
             )
@@ -161,33 +159,32 @@ class LeanStepper:
         rows, new = inputs.shape
         start, end = self.filled, self.filled + new
         x = self.embed(inputs)
-        cos, sin = self.rotary(x, positions)
+        cos, sin = (t.unsqueeze(2) for t in self.rotary(x, positions))  # [N, new, 1, D]
         mask = _mask(attention.bool(), start, new)
-        q_width = self.heads * self.head_dim
-        kv_width = self.kv_heads * self.head_dim
-        group = self.heads // self.kv_heads
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        half, group = dim // 2, heads // kv_heads
         for i, (norm1, qkv, out, norm2, gate_up, act, down) in enumerate(self.layers):
-            h = qkv(norm1(x))
-            q, k, v = h.split([q_width, kv_width, kv_width], -1)
-            q = q.view(rows, new, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(rows, new, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(rows, new, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self.rotate(q, k, cos, sin)
-            self.keys[i, :, :, start:end] = k
-            self.values[i, :, :, start:end] = v
+            h = qkv(norm1(x)).view(rows, new, heads + 2 * kv_heads, dim)
+            qk, v = h[:, :, : heads + kv_heads], h[:, :, heads + kv_heads :]
+            # rotary embedding of queries and keys at once: x cos + rotate_half(x) sin
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+            q, k = qk[:, :, :heads], qk[:, :, heads:]
+            self.keys[i, :, :, start:end] = k.transpose(1, 2)
+            self.values[i, :, :, start:end] = v.transpose(1, 2)
             keys, values = self.keys[i, :, :, :end], self.values[i, :, :, :end]
             if new == 1 and group > 1:  # the query heads of a group as one group's queries
-                q = q.reshape(rows, self.kv_heads, group, self.head_dim)
+                q = q.reshape(rows, kv_heads, group, dim)
                 a = F.scaled_dot_product_attention(q, keys, values, mask, scale=self.scaling)
             else:
                 if group > 1:
                     keys = keys.repeat_interleave(group, 1)
                     values = values.repeat_interleave(group, 1)
+                q = q.transpose(1, 2)
                 a = F.scaled_dot_product_attention(q, keys, values, mask, scale=self.scaling)
                 a = a.transpose(1, 2)
-            x = x + out(a.reshape(rows, new, q_width))
+            x.add_(out(a.reshape(rows, new, heads * dim)))
             g, u = gate_up(norm2(x)).chunk(2, -1)
-            x = x + down(act(g) * u)
+            x.add_(down(act(g).mul_(u)))
         self.filled = end
         last = self.norm(x[:, -1])
         if self.hidden is not None:
@@ -211,13 +208,12 @@ def _mask(attention: torch.Tensor, start: int, new: int) -> torch.Tensor:
 
 
 def _norm(module):
-    """An RMSNorm module as a function, computed as the module does."""
+    """An RMSNorm module as a function (`weight * x / rms(x)`, as the module computes it)."""
     weight, eps = module.weight, module.variance_epsilon
+    shape = tuple(weight.shape)
+    return lambda x: F.rms_norm(x, shape, weight, eps)
 
-    def norm(x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * x.to(dtype)
 
-    return norm
+def _activation(module):
+    """The MLP's activation as a function: SiLU as `F.silu` (skipping a module call)."""
+    return F.silu if type(module).__name__ in {"SiLU", "SiLUActivation"} else module
