@@ -37,7 +37,10 @@ def lean_supported(model) -> bool:
     a plain linear head (`chunked_head_supported`), and a 2-step check decoding within
     float rounding of the model's own logits (run once per model)."""
     if model not in _CHECKED:
-        _CHECKED[model] = _structure_fits(model) and _agrees(model)
+        try:
+            _CHECKED[model] = _structure_fits(model) and _agrees(model)
+        except (RuntimeError, ValueError, AttributeError, TypeError):  # e.g. partial rotary
+            _CHECKED[model] = False
     return _CHECKED[model]
 
 
