@@ -21,7 +21,7 @@ from tropd.kernels import decoding, onednn_available, use_onednn
 from tropd.models import tiny_llama_config
 from tropd.rollout import HFEngine, SamplingParams, lean
 from tropd.rollout import engine as engine_module
-from tropd.rollout.lean import LeanStepper, lean_supported
+from tropd.rollout.lean import LeanStepper, lean_supported, pad_after_prefix, shared_prefix
 
 VOCAB = 48
 # Log-probs of a few-layer float32 model: its activations carry rounding of ~1e-6 relative;
@@ -154,3 +154,37 @@ def test_refuses_a_model_whose_forward_differs_from_its_structure() -> None:
     changed = copy.deepcopy(model)
     changed.model.layers[1].register_forward_hook(lambda module, args, out: out * 1.5)
     assert lean._structure_fits(changed) and not lean_supported(changed)
+
+
+def test_shared_prefix_is_what_every_prompt_starts_with() -> None:
+    assert shared_prefix([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7, 8], [1, 2, 3, 4, 5]]) == 4
+    assert shared_prefix([[1, 2, 3, 4, 5, 6, 9]] * 3) == 6  # one short of the prompt
+    assert shared_prefix([[1, 2, 3, 9, 5], [1, 2, 3, 4, 5]]) == 0  # under MIN_SHARED
+    assert shared_prefix([[1, 2, 3, 4, 5, 6]]) == 0  # one prompt
+    tokens, mask = pad_after_prefix([[7, 7, 7, 1], [7, 7, 7, 2, 3, 4]], 3, 0)
+    assert tokens.tolist() == [[7, 7, 7, 0, 0, 1], [7, 7, 7, 2, 3, 4]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_prompts_sharing_a_prefix_decode_as_without_sharing(name: str, monkeypatch) -> None:
+    """Prompts that share their first tokens (run once, padding after them) give the
+    tokens and log-probs of the model's own forward over left-padded prompts."""
+    model = MODELS[name]()
+    use_onednn(model)
+    head = [9, 10, 11, 12, 13, 14]
+    prompts = [[*head, 5, 6, 7], [*head, 8], [*head, 20, 21, 22, 23, 24], [*head, 5, 6, 7]]
+    params = SamplingParams(8, temperature=0)
+    built = []
+    real = engine_module._stepper
+    monkeypatch.setattr(engine_module, "_stepper", lambda *a: built.append(real(*a)) or built[-1])
+    ours = HFEngine(model, 0, 1).generate(prompts, params)
+    assert built[-1].shared == len(head)
+    monkeypatch.setattr(engine_module, "lean_supported", lambda model: False)
+    theirs = HFEngine(model, 0, 1).generate(prompts, params)
+    assert [g.tokens for g in ours] == [g.tokens for g in theirs]
+    assert ours[0].tokens == ours[3].tokens  # the same prompt, greedy
+    for g, h in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(
+            torch.tensor(g.logprobs), torch.tensor(h.logprobs), rtol=0, atol=ATOL
+        )

@@ -45,9 +45,16 @@ PLANS = {
 }
 
 
-def guided_batch(models, plan: GuidancePlan, seed: int) -> TokenBatch:
+PROMPTS = {
+    "distinct": ("12+34=", "7+5=", "1=", "908+77=", "3"),
+    # A prefix every prompt shares: decoded once for all rows, padding after it.
+    "shared": ("1111+2=", "1111+34=", "1111+5=", "1111+67=", "1111+8="),
+}
+
+
+def guided_batch(models, plan: GuidancePlan, seed: int, prompts: str = "distinct") -> TokenBatch:
     teacher, student, tok = models
-    prompts = [tok.encode(text) for text in ("12+34=", "7+5=", "1=", "908+77=", "3")]
+    prompts = [tok.encode(text) for text in PROMPTS[prompts]]
     torch.manual_seed(seed)
     return collect_rollouts(
         HFEngine(student, tok.pad_token_id, tok.eos_token_id),
@@ -61,11 +68,12 @@ def guided_batch(models, plan: GuidancePlan, seed: int) -> TokenBatch:
     )
 
 
+@pytest.mark.parametrize("prompts", list(PROMPTS))
 @pytest.mark.parametrize("plan", list(PLANS))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_cached_scores_equal_a_full_forward(models, plan: str, seed: int) -> None:
+def test_cached_scores_equal_a_full_forward(models, plan: str, seed: int, prompts: str) -> None:
     teacher = models[0]
-    batch = guided_batch(models, PLANS[plan], seed)
+    batch = guided_batch(models, PLANS[plan], seed, prompts)
     assert batch.teacher_cache is not None
     assert batch.teacher_mask.any()
     full = score_batch(teacher, batch.replace(teacher_cache=None), top_k=5, chunk_size=7)

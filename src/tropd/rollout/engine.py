@@ -13,7 +13,7 @@ import torch
 from tropd.batch import left_pad
 from tropd.head import chunked_head_supported, hidden_only, lm_head
 from tropd.kernels import OneDNNLinear, decoding
-from tropd.rollout.lean import LeanStepper, lean_supported
+from tropd.rollout.lean import LeanStepper, lean_supported, pad_after_prefix, shared_prefix
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,9 @@ class DecodeState:
     recomputing them (`tropd.teacher.score_batch`).
 
     Rows are the prompts' order. `cache`: the model's KV cache; `attention [N, C]`: 1 where
-    cache column c holds a real token (prompts left-padded to `prompt_width`, generated
-    token k in column `prompt_width + k`; the last sampled token is not in it);
+    cache column c holds a real token (prompts padded to `prompt_width`, on the left or
+    after a prefix all rows share (`tropd.rollout.lean.pad_after_prefix`), generated token
+    k in column `prompt_width + k`; the last sampled token is not in it);
     `hidden [N, S, H]`: the final hidden state of each of the S steps (step k's predicts
     generated token k), to which the LM head is applied as the model would."""
 
@@ -154,6 +155,12 @@ def _decode(
         m.eval()
     width = inputs.shape[1]
     steppers = [_stepper(m, not synced, len(inputs), width + budget) for m in models]
+    if all(isinstance(s, LeanStepper) for s in steppers) and (shared := shared_prefix(prompts)):
+        # Prompts sharing their first tokens: padding after those, run once (`LeanStepper`)
+        inputs, attention = pad_after_prefix(prompts, shared, pad_token_id)
+        inputs, attention = inputs.to(device), attention.to(device)
+        for s in steppers:
+            s.shared = shared
     keep = keep and bool(prompts) and steppers[0].head is not None
     if keep:
         steppers[0].hidden = []

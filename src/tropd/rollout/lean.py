@@ -32,6 +32,7 @@ SUPPORTED = {
 }
 _LINEAR = (nn.Linear, OneDNNLinear)
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+MIN_SHARED = 4  # fewer shared prompt tokens are not worth a prefill of their own
 
 
 def lean_supported(model) -> bool:
@@ -133,6 +134,7 @@ class LeanStepper:
         self.keys = weight.new_empty(shape)
         self.values = weight.new_empty(shape)
         self.filled = 0
+        self.shared = 0  # leading columns the same in every row (`shared_prefix`)
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -162,36 +164,15 @@ class LeanStepper:
         )
 
     def __call__(self, inputs, attention, positions) -> torch.Tensor:
-        rows, new = inputs.shape
-        start, end = self.filled, self.filled + new
-        x = self.embed(inputs)
-        cos, sin = (t.unsqueeze(2) for t in self.rotary(x, positions))  # [N, new, 1, D]
-        mask = _mask(attention.bool(), start, new)
-        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        half, group = dim // 2, heads // kv_heads
-        for i, (norm1, qkv, out, norm2, gate_up, act, down) in enumerate(self.layers):
-            h = qkv(norm1(x)).view(rows, new, heads + 2 * kv_heads, dim)
-            qk, v = h[:, :, : heads + kv_heads], h[:, :, heads + kv_heads :]
-            # rotary embedding of queries and keys at once: x cos + rotate_half(x) sin
-            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
-            q, k = qk[:, :, :heads], qk[:, :, heads:]
-            self.keys[i, :, :, start:end] = k.transpose(1, 2)
-            self.values[i, :, :, start:end] = v.transpose(1, 2)
-            keys, values = self.keys[i, :, :, :end], self.values[i, :, :, :end]
-            if new == 1 and group > 1:  # the query heads of a group as one group's queries
-                q = q.reshape(rows, kv_heads, group, dim)
-                a = F.scaled_dot_product_attention(q, keys, values, mask, scale=self.scaling)
-            else:
-                if group > 1:
-                    keys = keys.repeat_interleave(group, 1)
-                    values = values.repeat_interleave(group, 1)
-                q = q.transpose(1, 2)
-                a = F.scaled_dot_product_attention(q, keys, values, mask, scale=self.scaling)
-                a = a.transpose(1, 2)
-            x.add_(out(a.reshape(rows, new, heads * dim)))
-            g, u = gate_up(norm2(x)).chunk(2, -1)
-            x.add_(down(act(g).mul_(u)))
-        self.filled = end
+        p = self.shared
+        if self.filled == 0 and 0 < p < inputs.shape[1]:
+            # The first p columns are the same tokens at the same positions in every row
+            # (`shared_prefix`): run them for row 0 and copy its keys and values.
+            self._layers(inputs[:1, :p], attention[:1, :p], positions[:1, :p], slice(0, 1))
+            self.keys[:, 1:, :, :p] = self.keys[:, :1, :, :p]
+            self.values[:, 1:, :, :p] = self.values[:, :1, :, :p]
+            inputs, positions = inputs[:, p:], positions[:, p:]
+        x = self._layers(inputs, attention, positions, slice(None))
         last = self.norm(x[:, -1])
         if self.hidden is not None:
             self.hidden.append(last)
@@ -200,6 +181,72 @@ class LeanStepper:
         from tropd.head import lm_head
 
         return lm_head(last, self.head.weight, self.head.bias).float()
+
+    def _layers(self, inputs, attention, positions, rows: slice) -> torch.Tensor:
+        """The decoder layers over `inputs [N, new]` (cache rows `rows`, columns from
+        `filled` on); returns the last layer's output `[N, new, H]`, before the final norm."""
+        count, new = inputs.shape
+        start, end = self.filled, self.filled + new
+        x = self.embed(inputs)
+        cos, sin = (t.unsqueeze(2) for t in self.rotary(x, positions))  # [N, new, 1, D]
+        mask = _mask(attention.bool(), start, new)
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        half, group = dim // 2, heads // kv_heads
+        for i, (norm1, qkv, out, norm2, gate_up, act, down) in enumerate(self.layers):
+            h = qkv(norm1(x)).view(count, new, heads + 2 * kv_heads, dim)
+            qk, v = h[:, :, : heads + kv_heads], h[:, :, heads + kv_heads :]
+            # rotary embedding of queries and keys at once: x cos + rotate_half(x) sin
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+            q, k = qk[:, :, :heads], qk[:, :, heads:]
+            self.keys[i, rows, :, start:end] = k.transpose(1, 2)
+            self.values[i, rows, :, start:end] = v.transpose(1, 2)
+            keys, values = self.keys[i, rows, :, :end], self.values[i, rows, :, :end]
+            if new == 1 and group > 1:  # the query heads of a group as one group's queries
+                q = q.reshape(count, kv_heads, group, dim)
+                a = F.scaled_dot_product_attention(q, keys, values, mask, scale=self.scaling)
+            else:
+                if group > 1:
+                    keys = keys.repeat_interleave(group, 1)
+                    values = values.repeat_interleave(group, 1)
+                q = q.transpose(1, 2)
+                a = F.scaled_dot_product_attention(q, keys, values, mask, scale=self.scaling)
+                a = a.transpose(1, 2)
+            x.add_(out(a.reshape(count, new, heads * dim)))
+            g, u = gate_up(norm2(x)).chunk(2, -1)
+            x.add_(down(act(g).mul_(u)))
+        self.filled = end
+        return x
+
+
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares (a system prompt, a chat template, or
+    the same prompt sampled several times), kept one short of the shortest prompt so each
+    row has a token of its own to predict from; 0 below `MIN_SHARED` or for one prompt."""
+    if len(prompts) < 2:
+        return 0
+    shortest = min(len(p) for p in prompts)
+    first, n = prompts[0], 0
+    while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n if n >= MIN_SHARED else 0
+
+
+def pad_after_prefix(
+    prompts: list[list[int]], shared: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B, T]` tokens and attention mask like `tropd.batch.left_pad`, but with the padding
+    after the `shared` first tokens: row = shared tokens, padding, the rest of the prompt.
+    Positions counted over the real tokens are those of left padding."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        rest = len(p) - shared
+        tokens[i, :shared] = torch.tensor(p[:shared], dtype=torch.long)
+        tokens[i, width - rest :] = torch.tensor(p[shared:], dtype=torch.long)
+        mask[i, :shared] = 1
+        mask[i, width - rest :] = 1
+    return tokens, mask
 
 
 def _mask(attention: torch.Tensor, start: int, new: int) -> torch.Tensor:
