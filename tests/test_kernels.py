@@ -221,3 +221,21 @@ def test_keep_freed_memory_reuses_large_blocks():
     for _ in range(5):
         torch.empty(size).fill_(1)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < size * 4 // 4096
+
+
+def test_keep_freed_memory_auto_is_off_for_a_large_vocabulary_matrix():
+    """`model.keep_freed_memory: auto` keeps freed memory unless a model's embedding or
+    head passes `KEEP_FREED_AUTO_LIMIT` (models built on the meta device: no memory)."""
+    from tropd.train.loop import KEEP_FREED_AUTO_LIMIT, keeps_freed_memory, vocabulary_bytes
+
+    def model(vocab: int, hidden: int, tied: bool = True) -> LlamaForCausalLM:
+        with torch.device("meta"):
+            config = tiny_llama_config(vocab, hidden, 1, num_heads=2, tie_word_embeddings=tied)
+            return LlamaForCausalLM(config)
+
+    small, big = model(49152, 576), model(151936, 512)
+    assert vocabulary_bytes(small) == 49152 * 576 * 4 <= KEEP_FREED_AUTO_LIMIT
+    assert vocabulary_bytes(big) == 151936 * 512 * 4 > KEEP_FREED_AUTO_LIMIT
+    assert keeps_freed_memory("auto", [small, small])
+    assert not keeps_freed_memory("auto", [small, big])
+    assert keeps_freed_memory(True, [big]) and not keeps_freed_memory(False, [small])

@@ -121,10 +121,12 @@ class ModelConfig(_Section):
         "on AMD CPUs), torch (its BLAS), auto: onednn on x86-64 where torch has it",
     )
 
-    keep_freed_memory: bool = Field(
-        True,
+    keep_freed_memory: bool | Literal["auto"] = Field(
+        "auto",
         description="CPU runs: glibc's malloc keeps freed blocks up to 1 GiB for reuse instead "
-        "of unmapping them (10-35% faster steps; peak RSS can rise by up to ~25%)",
+        "of unmapping them (10-35% faster steps; the heap fragments, so peak RSS can rise by "
+        "up to ~25%); auto: on unless a model's vocabulary matrix passes 128 MiB (where the "
+        "fragmenting blocks are largest)",
     )
 
     @field_validator("device")

@@ -469,6 +469,34 @@ def _vocab_size(name: str, key: str) -> int:
         raise ConfigError(f"{key}: {err}") from None
 
 
+KEEP_FREED_AUTO_LIMIT = 128 * 2**20
+
+
+def keeps_freed_memory(setting: bool | str, models: list) -> bool:
+    """`model.keep_freed_memory` for these models: auto keeps freed memory unless one of
+    their vocabulary matrices (input embedding or LM head) passes `KEEP_FREED_AUTO_LIMIT`.
+    Blocks that size (the matrix's gradient, its copies) are the ones the kept heap
+    fragments around: at vocabulary 151936 (a 297 MiB teacher head) peak RSS rose ~25%
+    with it on, while with it off steps stayed within the speed targets
+    (`bench/throughput.py`)."""
+    if setting != "auto":
+        return bool(setting)
+    return all(vocabulary_bytes(model) <= KEEP_FREED_AUTO_LIMIT for model in models)
+
+
+def vocabulary_bytes(model) -> int:
+    """Bytes of `model`'s largest vocabulary matrix (input embedding or LM head)."""
+    layers = (model.get_input_embeddings(), model.get_output_embeddings())
+    return max(
+        (
+            layer.weight.numel() * layer.weight.element_size()
+            for layer in layers
+            if layer is not None
+        ),
+        default=0,
+    )
+
+
 def build(config: Config, run_dir: Path) -> Setup:
     objective = objective_from_config(config)
     check_models(config)
@@ -484,8 +512,6 @@ def build(config: Config, run_dir: Path) -> Setup:
     if config.lora.enabled:
         lora = config.lora
         apply_lora(student, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
-    if m.keep_freed_memory and device_of(student).type == "cpu":
-        keep_freed_memory()
     if not (distributed.is_distributed() and config.distributed.strategy == "fsdp2"):
         use_onednn(student, m.cpu_matmul)
     student_ddp = distributed.parallelize(student, config.distributed)
@@ -513,6 +539,9 @@ def build(config: Config, run_dir: Path) -> Setup:
         teacher = load_model(m.teacher, dtype, m.device)
         teacher.requires_grad_(False).eval()
         use_onednn(teacher, m.cpu_matmul)
+    local = [student] + ([] if config.teacher.url else [teacher])
+    if device_of(student).type == "cpu" and keeps_freed_memory(m.keep_freed_memory, local):
+        keep_freed_memory()
     o = config.optim
     trained = [p for p in student.parameters() if p.requires_grad]
     # One fused kernel over all tensors (several times faster than the per-tensor loop on
