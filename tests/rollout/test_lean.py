@@ -166,20 +166,31 @@ def test_shared_prefix_is_what_every_prompt_starts_with() -> None:
     assert mask.tolist() == [[1, 1, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1]]
 
 
+HEAD = [9, 10, 11, 12, 13, 14]
+SHARING = {
+    # a prefix all prompts share (run once, padding after it), and a repeated prompt
+    "prefix": [[*HEAD, 5, 6, 7], [*HEAD, 8], [*HEAD, 20, 21, 22, 23, 24], [*HEAD, 5, 6, 7]],
+    # repeated prompts only (samples of one prompt: each distinct prompt run once)
+    "repeats": [[5, 6, 7], [30, 8], [5, 6, 7], [5, 6, 7], [30, 8]],
+}
+
+
+@pytest.mark.parametrize("sharing", sorted(SHARING))
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_prompts_sharing_a_prefix_decode_as_without_sharing(name: str, monkeypatch) -> None:
-    """Prompts that share their first tokens (run once, padding after them) give the
-    tokens and log-probs of the model's own forward over left-padded prompts."""
+def test_prompts_sharing_tokens_decode_as_without_sharing(
+    name: str, sharing: str, monkeypatch
+) -> None:
+    """Prompts that share their first tokens or repeat give the tokens and log-probs of
+    the model's own forward over every left-padded prompt."""
     model = MODELS[name]()
     use_onednn(model)
-    head = [9, 10, 11, 12, 13, 14]
-    prompts = [[*head, 5, 6, 7], [*head, 8], [*head, 20, 21, 22, 23, 24], [*head, 5, 6, 7]]
+    prompts = SHARING[sharing]
     params = SamplingParams(8, temperature=0)
     built = []
     real = engine_module._stepper
     monkeypatch.setattr(engine_module, "_stepper", lambda *a: built.append(real(*a)) or built[-1])
     ours = HFEngine(model, 0, 1).generate(prompts, params)
-    assert built[-1].shared == len(head)
+    assert built[-1].shared == (len(HEAD) if sharing == "prefix" else 0)
     monkeypatch.setattr(engine_module, "lean_supported", lambda model: False)
     theirs = HFEngine(model, 0, 1).generate(prompts, params)
     assert [g.tokens for g in ours] == [g.tokens for g in theirs]

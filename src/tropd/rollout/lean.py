@@ -11,7 +11,9 @@ are bound by memory bandwidth: 4 rows, 17 ms per step of which 12.5 ms products)
 a preallocated KV cache, one product for the query/key/value projections and one for
 gate and up (their weights concatenated once per loop, and reordered for oneDNN where the
 layers use it), the model's own rotary tables and activation, and queries and keys
-rotated together. It is used only where `lean_supported` holds: the modules are exactly
+rotated together. The prompts' step runs each distinct prompt once and a prefix every
+prompt shares (a system prompt, a chat template) once, copying keys and values to the
+rows that repeat them (several samples per prompt). It is used only where `lean_supported` holds: the modules are exactly
 the supported classes, and a check decoding run once per model agrees with the model's
 own forward to float rounding.
 """
@@ -164,16 +166,10 @@ class LeanStepper:
         )
 
     def __call__(self, inputs, attention, positions) -> torch.Tensor:
-        p = self.shared
-        if self.filled == 0 and 0 < p < inputs.shape[1]:
-            # The first p columns are the same tokens at the same positions in every row
-            # (`shared_prefix`): run them for row 0 and copy its keys and values.
-            self._layers(inputs[:1, :p], attention[:1, :p], positions[:1, :p], slice(0, 1))
-            self.keys[:, 1:, :, :p] = self.keys[:, :1, :, :p]
-            self.values[:, 1:, :, :p] = self.values[:, :1, :, :p]
-            inputs, positions = inputs[:, p:], positions[:, p:]
-        x = self._layers(inputs, attention, positions, slice(None))
-        last = self.norm(x[:, -1])
+        if self.filled == 0:
+            last = self._prefill(inputs, attention, positions)
+        else:
+            last = self.norm(self._layers(inputs, attention, positions, slice(None))[:, -1])
         if self.hidden is not None:
             self.hidden.append(last)
         if isinstance(self.head, OneDNNLinear):
@@ -182,9 +178,35 @@ class LeanStepper:
 
         return lm_head(last, self.head.weight, self.head.bias).float()
 
-    def _layers(self, inputs, attention, positions, rows: slice) -> torch.Tensor:
-        """The decoder layers over `inputs [N, new]` (cache rows `rows`, columns from
-        `filled` on); returns the last layer's output `[N, new, H]`, before the final norm."""
+    def _prefill(self, inputs, attention, positions) -> torch.Tensor:
+        """The prompts' step, each distinct prompt run once: the first `shared` columns
+        (the same in every row, `shared_prefix`) for row 0, the rest for the first row of
+        each distinct prompt; their keys and values copied to the other rows. Returns
+        the final hidden state of every row's last column `[N, H]`."""
+        width, p = inputs.shape[1], self.shared
+        if 0 < p < width:
+            self._layers(inputs[:1, :p], attention[:1, :p], positions[:1, :p], slice(0, 1))
+            self.keys[:, 1:, :, :p] = self.keys[:, :1, :, :p]
+            self.values[:, 1:, :, :p] = self.values[:, :1, :, :p]
+        else:
+            p = 0
+        _, inverse = torch.unique(inputs, dim=0, return_inverse=True)
+        first = torch.full_like(inverse[: int(inverse.max()) + 1], len(inverse))
+        first.scatter_reduce_(0, inverse, torch.arange(len(inverse), device=inverse.device), "amin")
+        if len(first) == len(inverse):  # all distinct
+            return self.norm(
+                self._layers(inputs[:, p:], attention, positions[:, p:], slice(None))[:, -1]
+            )
+        x = self._layers(inputs[first, p:], attention[first], positions[first, p:], first)
+        source = first[inverse]  # each row's first row with the same prompt
+        self.keys[:, :, :, p:width] = self.keys[:, source, :, p:width]
+        self.values[:, :, :, p:width] = self.values[:, source, :, p:width]
+        return self.norm(x[:, -1])[inverse]
+
+    def _layers(self, inputs, attention, positions, rows) -> torch.Tensor:
+        """The decoder layers over `inputs [n, new]` (cache rows `rows`: a slice or an index
+        tensor, columns from `filled` on); returns the last layer's output `[n, new, H]`,
+        before the final norm."""
         count, new = inputs.shape
         start, end = self.filled, self.filled + new
         x = self.embed(inputs)
