@@ -239,3 +239,22 @@ def test_keep_freed_memory_auto_is_off_for_a_large_vocabulary_matrix():
     assert keeps_freed_memory("auto", [small, small])
     assert not keeps_freed_memory("auto", [small, big])
     assert keeps_freed_memory(True, [big]) and not keeps_freed_memory(False, [small])
+
+
+def test_mm_nt_reads_transposed_views_and_copies_other_layouts():
+    """oneDNN reads a row-major matrix or the transpose of one in place; a slice with gaps
+    or a broadcast is copied first. Every layout gives `a @ b.T` (float64 reference,
+    float32 rounding of K = 48 terms)."""
+    torch.manual_seed(0)
+    a, b = torch.randn(48, 7), torch.randn(48, 5)  # so a.t() [7, 48], b.t() [5, 48]
+    want = a.double().t() @ b.double()
+    layouts = {
+        "transposed": (a.t(), b.t()),
+        "copied": (a.t().contiguous(), b.t().contiguous()),
+        "gaps": (torch.randn(7, 96)[:, ::2].copy_(a.t()), b.t()),
+        "broadcast": (a.t(), torch.ones(1, 48).expand(5, 48)),
+    }
+    for name, (x, y) in layouts.items():
+        ref = want if name != "broadcast" else a.double().t() @ torch.ones(48, 5).double()
+        got = kernels.mm_nt(x, y)
+        assert torch.allclose(got.double(), ref, rtol=0, atol=48 * 2**-24 * 20), name

@@ -159,9 +159,9 @@ class _ChunkedHead(torch.autograd.Function):
                 grad_logits = (logits - lse[rows]).exp_().mul_(scale)
             grad_logits.scatter_add_(0, ids[rows].t(), grad.t())
             grad_logits = grad_logits.to(head.dtype if low else states.dtype)  # [V, rows]
-            if need_states:
-                # torch's own product: both operands are read transposed, which oneDNN's
-                # NT products would need copies of (the whole [H, V] head) to do
+            if need_states and fast:
+                grad_states[rows] = mm_nt(grad_logits.t(), head.t())
+            elif need_states:
                 grad_states[rows] = grad_logits.t() @ head
             if need_weight and fast:
                 grad_weight += mm_nt(grad_logits, states[rows].t())

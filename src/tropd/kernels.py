@@ -54,19 +54,26 @@ def routed(weight: torch.Tensor) -> bool:
 
 def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`a @ b.T` by oneDNN for fp32 CPU matrices `a [M, K]`, `b [N, K]` (no autograd)."""
-    return _product(a.contiguous(), b.contiguous(), None)
+    return _product(_dense(a), _dense(b), None)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D matrix oneDNN reads as it is: row-major, or the transpose of one (a
+    column-major view, e.g. `w.t()`: read in place, faster than copying it); anything else
+    (a slice with gaps, a broadcast) is copied."""
+    return t if t.is_contiguous() or t.t().is_contiguous() else t.contiguous()
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x @ weight.T + bias` by oneDNN, for 2-D contiguous fp32 `x [N, in]` and a weight
-    `[out, in]` (dense, or reordered by `_reorder_linear_weight`)."""
+    """`x @ weight.T + bias` by oneDNN, for 2-D fp32 `x [N, in]` and a weight `[out, in]`
+    (dense, or reordered by `_reorder_linear_weight`), each row-major or the transpose of
+    a row-major matrix (`_dense`)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """`F.linear` of a 2-D input with its three products in oneDNN (which reads only
-    contiguous operands, hence the transposed copies in the backward: they cost far less
-    than the products they speed up)."""
+    """`F.linear` of a 2-D input with its three products in oneDNN; the backward's
+    transposed operands are read as transposed views, not copied (`_dense`)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -80,9 +87,9 @@ class _OneDNNLinear(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _product(grad, weight.t().contiguous(), None)
+            grad_x = _product(grad, _dense(weight.t()), None)
         if ctx.needs_input_grad[1]:
-            grad_w = _product(grad.t().contiguous(), x.t().contiguous(), None)
+            grad_w = _product(grad.t(), x.t(), None)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b

@@ -13,9 +13,9 @@ gate and up (their weights concatenated once per loop, and reordered for oneDNN 
 layers use it), the model's own rotary tables and activation, and queries and keys
 rotated together. The prompts' step runs each distinct prompt once and a prefix every
 prompt shares (a system prompt, a chat template) once, copying keys and values to the
-rows that repeat them (several samples per prompt). It is used only where `lean_supported` holds: the modules are exactly
-the supported classes, and a check decoding run once per model agrees with the model's
-own forward to float rounding.
+rows that repeat them (several samples per prompt). It is used only where
+`lean_supported` holds: the modules are exactly the supported classes, and a check
+decoding run once per model agrees with the model's own forward to float rounding.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
 
+from tropd.head import chunked_head_supported, lm_head
 from tropd.kernels import OneDNNLinear, fused_linear
 
 SUPPORTED = {
@@ -51,8 +53,6 @@ def lean_supported(model) -> bool:
 
 
 def _structure_fits(model) -> bool:
-    from tropd.head import chunked_head_supported
-
     names = SUPPORTED.get(type(model).__name__)
     inner = getattr(model, "model", None)
     if names is None or inner is None or not chunked_head_supported(model):
@@ -156,8 +156,6 @@ class LeanStepper:
     @property
     def cache(self):
         """The filled columns as a transformers `DynamicCache` (a copy)."""
-        from transformers import DynamicCache
-
         end = self.filled
         return DynamicCache(
             ddp_cache_data=[
@@ -174,8 +172,6 @@ class LeanStepper:
             self.hidden.append(last)
         if isinstance(self.head, OneDNNLinear):
             return self.head(last).float()
-        from tropd.head import lm_head
-
         return lm_head(last, self.head.weight, self.head.bias).float()
 
     def _prefill(self, inputs, attention, positions) -> torch.Tensor:
