@@ -133,7 +133,7 @@ class LeanStepper:
         self.scaling = first.scaling
         weight = self.head.weight
         shape = (len(inner.layers), rows, self.kv_heads, columns, self.head_dim)
-        self.keys = weight.new_empty(shape)
+        self.keys = weight.new_empty(shape)  # in the weights' dtype (also under autocast)
         self.values = weight.new_empty(shape)
         self.filled = 0
         self.shared = 0  # leading columns the same in every row (`shared_prefix`)
@@ -216,8 +216,8 @@ class LeanStepper:
             # rotary embedding of queries and keys at once: x cos + rotate_half(x) sin
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
             q, k = qk[:, :, :heads], qk[:, :, heads:]
-            self.keys[i, rows, :, start:end] = k.transpose(1, 2)
-            self.values[i, rows, :, start:end] = v.transpose(1, 2)
+            self.keys[i, rows, :, start:end] = k.transpose(1, 2).to(self.keys.dtype)
+            self.values[i, rows, :, start:end] = v.transpose(1, 2).to(self.values.dtype)
             keys, values = self.keys[i, rows, :, :end], self.values[i, rows, :, :end]
             if new == 1 and group > 1:  # the query heads of a group as one group's queries
                 q = q.reshape(count, kv_heads, group, dim)
