@@ -222,17 +222,15 @@ def fused_linear(layers: list[nn.Linear]) -> Callable[[torch.Tensor], torch.Tens
     decoding loop: the weights concatenated once (and reordered for oneDNN when every
     layer is a switched one and autocast is off); the weights must not change while the
     function is in use."""
-    weight = torch.cat([layer.weight.detach() for layer in layers])
+    weights = [layer.weight.detach() for layer in layers]
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights)  # one layer: no copy
     bias = None
     if any(layer.bias is not None for layer in layers):
-        bias = torch.cat(
-            [
-                layer.bias.detach()
-                if layer.bias is not None
-                else weight.new_zeros(layer.out_features)
-                for layer in layers
-            ]
-        )
+        biases = [
+            layer.bias.detach() if layer.bias is not None else weight.new_zeros(layer.out_features)
+            for layer in layers
+        ]
+        bias = biases[0] if len(biases) == 1 else torch.cat(biases)
     if not (
         all(routed(layer.weight) for layer in layers)
         and _plain(bias)
