@@ -122,10 +122,9 @@ class LeanStepper:
     def __init__(self, model, rows: int, columns: int):
         inner = model.model
         config = model.config
-        self.model = model
         self.hidden: list[torch.Tensor] | None = None
         self.head = model.get_output_embeddings()
-        self.embed, self.final_norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
+        self.embed, self.rotary = inner.embed_tokens, inner.rotary_emb
         first = inner.layers[0].self_attn
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
