@@ -194,6 +194,14 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
+def decoding_logits(head: torch.nn.Linear, states: torch.Tensor) -> torch.Tensor:
+    """fp32 next-token logits `[N, V]` of a decoding step's final hidden states `[N, H]`:
+    the oneDNN layer's own product (its weight reordered for the loop), else `lm_head`."""
+    if isinstance(head, OneDNNLinear):
+        return head(states).float()
+    return lm_head(states, head.weight, head.bias).float()
+
+
 def lm_head(states: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     """`states [N, H] @ weight.T + bias` as a contiguous `[N, V]`, computed as
     `weight @ states.T`: for the few rows of a decoding step over a wide vocabulary this

@@ -11,8 +11,8 @@ from typing import Any, Protocol
 import torch
 
 from tropd.batch import left_pad
-from tropd.head import chunked_head_supported, hidden_only, lm_head
-from tropd.kernels import OneDNNLinear, decoding
+from tropd.head import chunked_head_supported, decoding_logits, hidden_only
+from tropd.kernels import decoding
 from tropd.rollout.lean import LeanStepper, lean_supported, pad_after_prefix, shared_prefix
 
 
@@ -213,7 +213,7 @@ class _Stepper:
     """One model in the `decode` loop, with its own KV cache: next-token fp32 logits
     `[N, V]` from the tokens appended since the last call. Where the model allows
     (`chunked_head_supported`), the head is applied here in its fast orientation
-    (`lm_head`) instead of inside the model's forward."""
+    (`decoding_logits`) instead of inside the model's forward."""
 
     def __init__(self, model, local: bool):
         self.model, self.cache = model, None
@@ -240,9 +240,7 @@ class _Stepper:
         last = out.hidden_states[-1][:, -1]
         if self.hidden is not None:
             self.hidden.append(last)
-        if isinstance(self.head, OneDNNLinear):
-            return self.head(last).float()
-        return lm_head(last, self.head.weight, self.head.bias).float()
+        return decoding_logits(self.head, last)
 
 
 def cache_argument(model) -> str:

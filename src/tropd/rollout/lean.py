@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from tropd.head import chunked_head_supported, lm_head
+from tropd.head import chunked_head_supported, decoding_logits
 from tropd.kernels import OneDNNLinear, fused_linear
 
 SUPPORTED = {
@@ -169,9 +169,7 @@ class LeanStepper:
             last = self.norm(self._layers(inputs, attention, positions, slice(None))[:, -1])
         if self.hidden is not None:
             self.hidden.append(last)
-        if isinstance(self.head, OneDNNLinear):
-            return self.head(last).float()
-        return lm_head(last, self.head.weight, self.head.bias).float()
+        return decoding_logits(self.head, last)
 
     def _prefill(self, inputs, attention, positions) -> torch.Tensor:
         """The prompts' step, each distinct prompt run once: the first `shared` columns
