@@ -6,12 +6,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import guided_rollout
+from conftest import guided_rollout, tiny_config
+from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tropd.batch import align_logits
+from tropd.batch import TokenBatch, align_logits
 from tropd.config import load_config
-from tropd.head import HeadLogits, chunked_head_logits, chunked_head_supported, head_logits
+from tropd.head import (
+    HeadLogits,
+    chunked_head_logits,
+    chunked_head_supported,
+    final_hidden_states,
+    head_logits,
+    last_hidden_states,
+    prefix_sharing_supported,
+    shared_columns,
+)
 from tropd.model_names import load_model
+from tropd.models import tiny_llama_config
 from tropd.objectives import REGISTRY, get_objective, list_objectives
 from tropd.teacher import score_batch
 from tropd.train import loop
@@ -208,3 +219,134 @@ def test_a_second_backward_through_kept_probabilities_fails_loudly() -> None:
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_chunked_head_gradient_without_positions_is_zero() -> None:
+    """No response position: the head's weight gradient is zeros of its shape (the first
+    block's product starts it, and here there is none)."""
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    weight = torch.randn(7, 4, requires_grad=True)
+    view = HeadLogits(hidden, weight, None, torch.zeros(2, 3, dtype=torch.bool), chunk_size=2)
+    view.token_logprobs(torch.zeros(2, 3, 1, dtype=torch.long)).sum().backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+# Shared prompt prefixes (`last_hidden_states`). Rows 0-2 share their first 6 tokens; rows 1
+# and 2 are right-padded.
+SHARED_TOKENS = torch.tensor(
+    [
+        [5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
+        [5, 6, 7, 8, 9, 10, 20, 21, 0, 0],
+        [5, 6, 7, 8, 9, 10, 30, 31, 32, 0],
+    ]
+)
+SHARED_MASK = (torch.arange(10) < torch.tensor([[10], [8], [9]])).long()
+
+
+def _sharing_model(name: str):
+    torch.manual_seed(0)
+    if name == "llama":
+        return LlamaForCausalLM(tiny_llama_config(48, 32, 3, num_heads=4))
+    config = Qwen2Config(
+        vocab_size=48,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "mask", "expected"),
+    [
+        (SHARED_TOKENS, SHARED_MASK, 6),
+        (SHARED_TOKENS[:1], SHARED_MASK[:1], 0),  # one row
+        (SHARED_TOKENS[:, 3:], SHARED_MASK[:, 3:], 0),  # 3 shared: below MIN_SHARED_COLUMNS
+        (SHARED_TOKENS[[0, 0]], SHARED_MASK[[0, 0]], 9),  # the same row: all but the last
+        # a padding column inside the common tokens ends them
+        (SHARED_TOKENS, torch.cat([SHARED_MASK[:, :5], torch.zeros(3, 5, dtype=torch.long)], 1), 5),
+    ],
+)
+def test_shared_columns(tokens, mask, expected: int) -> None:
+    assert shared_columns(tokens, mask) == expected
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_shared_prefix_states_and_gradients_match_the_plain_forward(name: str) -> None:
+    """Training mode, float32: the states of every real position and the gradient of every
+    parameter agree with the plain batched forward to float32 rounding (the shared rows'
+    gradients are summed through the repeated keys and values). A wrong position, mask or
+    missing gradient path moves them by O(1)."""
+    model = _sharing_model(name).train()
+    assert prefix_sharing_supported(model)
+    real = SHARED_MASK.bool()
+    upstream = torch.randn(3, 10, model.config.hidden_size)
+    results = []
+    for shared in (0, 6):
+        states = last_hidden_states(model, SHARED_TOKENS, SHARED_MASK, shared)
+        loss = (states * upstream)[real].sum()
+        grads = torch.autograd.grad(loss, list(model.model.parameters()))  # no head here
+        results.append((states[real].detach(), grads))
+    (plain, plain_grads), (shared, shared_grads) = results
+    torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-5)
+    for got, want in zip(shared_grads, plain_grads, strict=True):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+
+
+def test_teacher_states_share_columns_and_equal_the_base_forward() -> None:
+    """`final_hidden_states` (the teacher's scoring) runs the shared columns once and
+    returns the base model's own states."""
+    model = _sharing_model("llama").eval()
+    calls = []
+    model.model.register_forward_pre_hook(lambda m, a, k: calls.append(k), with_kwargs=True)
+    with torch.no_grad():
+        got = final_hidden_states(model, SHARED_TOKENS, SHARED_MASK)
+        calls_shared = len(calls)
+        want = model.base_model(input_ids=SHARED_TOKENS, attention_mask=SHARED_MASK)
+    real = SHARED_MASK.bool()
+    torch.testing.assert_close(got[real], want.last_hidden_state[real], rtol=1e-4, atol=1e-5)
+    assert calls_shared >= 2 and calls[-2]["inputs_embeds"].shape[:2] == (3, 4)
+
+
+def test_prefix_sharing_refuses_models_with_dropout() -> None:
+    torch.manual_seed(0)
+    config = tiny_llama_config(48, 32, 2, num_heads=4)
+    config.attention_dropout = 0.1
+    assert not prefix_sharing_supported(LlamaForCausalLM(config))
+
+
+def test_training_step_with_a_shared_prompt_equals_the_plain_one(
+    tiny_pair, tmp_path, monkeypatch
+) -> None:
+    """A whole train step (rollout, scoring, objective, optimizer) on prompts that share
+    their first tokens: the same loss and parameters as with sharing turned off."""
+    config = tiny_config(
+        tiny_pair, tmp_path, "run.steps=2", "rollout.samples_per_prompt=2", "teacher.top_k=8"
+    )
+    results = []
+    for share in (True, False):
+        if not share:
+            monkeypatch.setattr(loop, "shared_prompt", lambda setup, forward, micro: 0)
+        setup = loop.build(config, tmp_path / f"run{share}")
+        assert loop.shared_prompt(setup, setup.student, _micro_sharing()) == (6 if share else 0)
+        setup.train_prompts = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 10, 12, 13]]
+        loop.seed_everything(config.run.seed, 0, 0)
+        record = loop.train_step(setup, 0, rank=0, world_size=1)
+        results.append((record["loss"], [p.detach().clone() for p in setup.student.parameters()]))
+    (loss, params), (plain_loss, plain_params) = results
+    assert loss == pytest.approx(plain_loss, rel=1e-4, abs=1e-6)
+    for got, want in zip(params, plain_params, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def _micro_sharing():
+    return TokenBatch(
+        tokens=SHARED_TOKENS,
+        origin=torch.zeros_like(SHARED_TOKENS),
+        attention_mask=SHARED_MASK,
+        sampler_logprobs=torch.zeros(SHARED_TOKENS.shape),
+        group=torch.arange(3),
+    )

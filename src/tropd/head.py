@@ -17,6 +17,12 @@ Chunked for scoring: `chunked_head_logits` runs a model's decoder once and yield
 logits at chosen positions `chunk_size` rows at a time (`head_logits`, with the model's
 final-logit soft-capping), for the teacher's scores and the exact reverse KL.
 
+Shared prompt prefixes: `last_hidden_states` runs the leading columns that every row of a
+batch holds alike (a system prompt, a chat template; `shared_columns`) once, as one row,
+and the rest of every row on top of their keys and values; the same states to float
+rounding (checked once per model, `prefix_sharing_supported`), with gradients summed over
+the rows by autograd.
+
 Direct for sampling: `hidden_only` runs the model without its head and `lm_head` applies
 it in the orientation that is fast for a few rows (`tropd.rollout.engine.decode`).
 `HeadLogits` and `lm_head` apply a plain linear head, so they are used only where
@@ -26,6 +32,7 @@ soft-capped head is not: such a model keeps its own head in training and samplin
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Iterator
 
@@ -67,7 +74,7 @@ class HeadLogits:
         """`log softmax(logits)[ids]` for ids `[B, T]` or `[B, T, K]`; the shape of `ids`,
         fp32, differentiable with respect to the hidden states and the head."""
         picked = ids[self.rows, self.cols]
-        flat = picked.reshape(len(picked), -1)
+        flat = picked.reshape(len(picked), ids[0, 0].numel())  # [N, K] (N may be 0)
         states = self.hidden[self.rows, self.cols - 1]
         logprobs, entropy = _ChunkedHead.apply(
             states, self.weight, self.bias, flat, self.chunk_size, self.matmul_dtype
@@ -143,7 +150,7 @@ class _ChunkedHead(torch.autograd.Function):
         head = weight if low is None else weight.to(low)
         fast = low is None and routed(weight) and states.dtype == weight.dtype
         grad_states = torch.zeros_like(states) if need_states else None
-        grad_weight = torch.zeros_like(weight, dtype=wide) if need_weight else None
+        grad_weight = None  # the first block's product starts it (no [V, H] of zeros)
         grad_bias = torch.zeros_like(bias, dtype=wide) if need_bias else None
         kept_blocks = iter(kept)
         for rows in _blocks(len(ids), ctx.kept_from):
@@ -164,14 +171,18 @@ class _ChunkedHead(torch.autograd.Function):
             elif need_states:
                 grad_states[rows] = grad_logits.t() @ head
             if need_weight and fast:
-                grad_weight += mm_nt(grad_logits, states[rows].t())
+                part = mm_nt(grad_logits, states[rows].t())
             elif need_weight and low:
-                grad_weight += (grad_logits @ states[rows].to(low)).to(wide)
+                part = (grad_logits @ states[rows].to(low)).to(wide)
             elif need_weight:
-                grad_weight.addmm_(grad_logits.to(wide), states[rows].to(wide))
+                part = grad_logits.to(wide) @ states[rows].to(wide)
+            if need_weight:
+                grad_weight = part if grad_weight is None else grad_weight.add_(part)
             if need_bias:
                 grad_bias += grad_logits.sum(1).to(wide)
-        if need_weight:
+        if need_weight and grad_weight is None:  # no positions
+            grad_weight = torch.zeros_like(weight)
+        elif need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         if need_bias:
             grad_bias = grad_bias.to(bias.dtype)
@@ -225,7 +236,12 @@ def _blocks(n: int, split: int) -> list[slice]:
 
 
 def final_hidden_states(model, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The decoder's last hidden states `[B, T, H]`, without the LM head."""
+    """The decoder's last hidden states `[B, T, H]` over right-padded `tokens`, without the
+    LM head; columns every row shares run once (`last_hidden_states`) where the model
+    allows it (`prefix_sharing_supported`)."""
+    shared = shared_columns(tokens, attention_mask)
+    if shared and prefix_sharing_supported(model):
+        return last_hidden_states(model, tokens, attention_mask, shared)
     return model.base_model(input_ids=tokens, attention_mask=attention_mask).last_hidden_state
 
 
@@ -261,8 +277,109 @@ def chunked_head_logits(
 def hidden_only(model, **inputs):
     """`model(**inputs)` returning the hidden states of every layer and no logits (an
     empty `logits_to_keep`), for callers that apply the head themselves."""
-    none = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    given = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
+    none = torch.empty(0, dtype=torch.long, device=given.device)
     return model(**inputs, output_hidden_states=True, logits_to_keep=none)
+
+
+MIN_SHARED_COLUMNS = 4  # fewer shared columns are not worth a forward of their own
+_SHARING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cache_argument(model) -> str:
+    """The name of `model.forward`'s KV-cache argument: transformers 5 names it `cache`
+    (`past_key_values` is a deprecated alias there, with a warning per call); 4.x knows
+    only `past_key_values`."""
+    accepted = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in accepted else "past_key_values"
+
+
+def shared_columns(tokens: torch.Tensor, attention: torch.Tensor) -> int:
+    """How many leading columns of right-padded `tokens [B, T]` hold the same real token
+    in every row (at most T - 1: each row keeps a column of its own); 0 for one row or
+    below `MIN_SHARED_COLUMNS`. Their states are the same in every row (causal)."""
+    rows, width = tokens.shape
+    if rows < 2 or width <= MIN_SHARED_COLUMNS:
+        return 0
+    same = (tokens[:, : width - 1] == tokens[:1, : width - 1]) & attention[:, : width - 1].bool()
+    n = int(same.all(0).long().cumprod(0).sum())
+    return n if n >= MIN_SHARED_COLUMNS else 0
+
+
+def last_hidden_states(
+    model, tokens: torch.Tensor, attention: torch.Tensor, shared: int = 0
+) -> torch.Tensor:
+    """The last hidden states `[B, T, H]` of `model` (`hidden_only`) over right-padded
+    `tokens`. With `shared` > 0 (`shared_columns`; only where `prefix_sharing_supported`)
+    the first `shared` columns run once, as one row, and the rest of every row attends to
+    their keys and values repeated over the rows; the shared columns' states are that
+    row's, repeated."""
+    if shared == 0:
+        return hidden_only(model, input_ids=tokens, attention_mask=attention).hidden_states[-1]
+    rows, width = tokens.shape
+    name = cache_argument(model)
+    # One embedding lookup for both forwards: one embedding backward (each forms a dense
+    # [V, H] gradient).
+    embeds = model.get_input_embeddings()(tokens)
+    first = hidden_only(
+        model,
+        inputs_embeds=embeds[:1, :shared],
+        attention_mask=attention[:1, :shared],
+        use_cache=True,
+    )
+    cache = first[name]
+    cache.batch_repeat_interleave(rows)
+    positions = torch.arange(shared, width, device=tokens.device).expand(rows, -1)
+    rest = hidden_only(
+        model,
+        inputs_embeds=embeds[:, shared:],
+        attention_mask=attention,
+        position_ids=positions,
+        use_cache=True,
+        **{name: cache},
+    )
+    return torch.cat([first.hidden_states[-1].expand(rows, -1, -1), rest.hidden_states[-1]], 1)
+
+
+def prefix_sharing_supported(model) -> bool:
+    """Whether `last_hidden_states` may share columns for `model`: no dropout (a shared
+    column would draw one mask for all rows), and a 2-row check (one right-padded) agrees
+    with the plain forward to float rounding of its dtype (run once per model)."""
+    if model not in _SHARING:
+        _SHARING[model] = _dropout_free(model) and _sharing_agrees(model)
+    return _SHARING[model]
+
+
+def _dropout_free(model) -> bool:
+    rates = [
+        value
+        for key, value in vars(model.config).items()
+        if key.endswith(("dropout", "pdrop")) and isinstance(value, int | float)
+    ]
+    modules = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    return not any(r > 0 for r in rates + modules)
+
+
+def _sharing_agrees(model) -> bool:
+    device = next(model.parameters()).device
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 8, 9, 0]], device=device)
+    tokens = tokens % model.config.vocab_size
+    attention = torch.tensor([[1] * 7, [1] * 6 + [0]], device=device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            theirs = last_hidden_states(model, tokens, attention).float()
+            ours = last_hidden_states(model, tokens, attention, shared=4).float()
+    except (RuntimeError, ValueError, AttributeError, TypeError, KeyError, IndexError):
+        return False
+    finally:
+        model.train(training)
+    real = attention.bool()
+    scale = theirs[real].abs().amax().clamp(min=1.0)
+    eps = torch.finfo(next(model.parameters()).dtype).eps
+    layers = getattr(model.config, "num_hidden_layers", 1)
+    return bool((ours[real] - theirs[real]).abs().amax() <= 64 * eps * scale * layers)
 
 
 _SUPPORTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -3,7 +3,6 @@ from a Hugging Face causal LM in this process (batched, KV cache, `decode`)."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -11,7 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from tropd.batch import left_pad
-from tropd.head import chunked_head_supported, decoding_logits, hidden_only
+from tropd.head import cache_argument, chunked_head_supported, decoding_logits, hidden_only
 from tropd.kernels import decoding
 from tropd.rollout.lean import LeanStepper, lean_supported, pad_after_prefix, shared_prefix
 
@@ -241,14 +240,6 @@ class _Stepper:
         if self.hidden is not None:
             self.hidden.append(last)
         return decoding_logits(self.head, last)
-
-
-def cache_argument(model) -> str:
-    """The name of `model.forward`'s KV-cache argument: transformers 5 names it `cache`
-    (`past_key_values` is a deprecated alias there, with a warning per call); 4.x knows
-    only `past_key_values`."""
-    accepted = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in accepted else "past_key_values"
 
 
 def sample_tokens(

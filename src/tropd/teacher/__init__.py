@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from tropd.batch import PROMPT, TokenBatch
-from tropd.head import final_hidden_states, head_logits, hidden_only
-from tropd.rollout.engine import cache_argument
+from tropd.head import cache_argument, final_hidden_states, head_logits, hidden_only
 
 CHUNK_BYTES = 64 * 2**20  # fp32 logits per scoring chunk at most (a few such temporaries)
 

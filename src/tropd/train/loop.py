@@ -20,7 +20,14 @@ import torch
 
 from tropd.batch import PROMPT, STUDENT, TEACHER, TokenBatch, align_logits
 from tropd.config import GUIDANCE_DEFAULTS, Config, ConfigError, TaskConfig, save_config
-from tropd.head import HeadLogits, autocast_dtype, chunked_head_supported, hidden_only
+from tropd.head import (
+    HeadLogits,
+    autocast_dtype,
+    chunked_head_supported,
+    last_hidden_states,
+    prefix_sharing_supported,
+    shared_columns,
+)
 from tropd.kernels import keep_freed_memory, use_onednn
 from tropd.lora import apply_lora, merge_lora
 from tropd.model_names import (
@@ -255,12 +262,24 @@ def student_logits(setup: Setup, forward, micro: TokenBatch):
     if not setup.chunked_head:
         out = forward(input_ids=micro.tokens, attention_mask=micro.attention_mask)
         return align_logits(out.logits)
-    out = hidden_only(forward, input_ids=micro.tokens, attention_mask=micro.attention_mask)
+    hidden = last_hidden_states(
+        forward, micro.tokens, micro.attention_mask, shared_prompt(setup, forward, micro)
+    )
     head = setup.student.get_output_embeddings()
     chunk = setup.config.optim.head_chunk
-    hidden = out.hidden_states[-1]
     low = autocast_dtype(hidden.device)
     return HeadLogits(hidden, head.weight, head.bias, micro.response_mask, chunk, low)
+
+
+def shared_prompt(setup: Setup, forward, micro: TokenBatch) -> int:
+    """Leading columns the micro-batch's rows all share (`shared_columns`: a system
+    prompt, a chat template, the same prompt sampled several times), run once in the
+    training forward; 0 through a DDP/FSDP wrapper or where the model fails
+    `prefix_sharing_supported`."""
+    if forward is not setup.student or is_sharded(setup.student):
+        return 0
+    shared = shared_columns(micro.tokens, micro.attention_mask)
+    return shared if shared and prefix_sharing_supported(setup.student) else 0
 
 
 def rollout(
