@@ -70,17 +70,21 @@ def forced(stepper, tokens: torch.Tensor, attention: torch.Tensor, prefill: int)
 MODELS = {"llama": llama, "llama_mha": lambda: llama(1, kv_heads=4), "qwen2": qwen2}
 
 
-@pytest.mark.parametrize("products", ["torch", "onednn"])
+@pytest.mark.parametrize("products", ["torch", "onednn", "cuda"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_lean_step_matches_the_models_forward(name: str, products: str) -> None:
     if products == "onednn" and not onednn_available():
         pytest.skip("no oneDNN on this machine")
+    if products == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     model = MODELS[name]()
     if products == "onednn":
         use_onednn(model)
+    device = "cuda" if products == "cuda" else "cpu"
+    model.to(device)
     assert lean_supported(model)
     torch.manual_seed(5)
-    tokens = torch.randint(3, VOCAB, (3, 11))
+    tokens = torch.randint(3, VOCAB, (3, 11), device=device)
     attention = torch.ones_like(tokens)
     attention[0, :3] = 0  # left padding of different widths
     attention[2, :1] = 0

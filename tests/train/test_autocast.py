@@ -34,12 +34,23 @@ def bound(layers: int) -> float:
     return 2 * (4 * layers + 1) * BF16_PRODUCT
 
 
-@pytest.fixture(scope="module")
-def fixed(tiny_pair, tmp_path_factory):
-    """(setup, batch): 3 prompts x 2 rollouts, half guided, scored by the float32 teacher."""
+DEVICES = [
+    "cpu",
+    *(["cuda"] if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else []),
+]
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def fixed(tiny_pair, tmp_path_factory, request):
+    """(setup, batch): 3 prompts x 2 rollouts, half guided, scored by the float32 teacher;
+    on the CPU, and on a bf16 GPU where there is one."""
     setup, batch = guided_rollout(
-        tiny_pair, tmp_path_factory.mktemp("run"), "model.dtype=float32", "model.device=cpu"
+        tiny_pair,
+        tmp_path_factory.mktemp("run"),
+        "model.dtype=float32",
+        f"model.device={request.param}",
     )
+    batch = batch.to(torch.device(request.param))
     batch = score_batch(setup.teacher, batch, top_k=8)
     assert bool(batch.teacher_mask.any()) and bool(batch.student_mask.any())
     return setup, batch
@@ -49,7 +60,7 @@ def loss_and_grad(setup, batch, objective, autocast: str, chunked: bool):
     student = setup.student
     student.zero_grad(set_to_none=True)
     setup.chunked_head = chunked
-    with forward_precision(autocast, torch.device("cpu")):
+    with forward_precision(autocast, batch.tokens.device):
         logits = loop.student_logits(setup, student, batch)
     out = objective(logits, batch, generator=torch.Generator().manual_seed(3), step=2)
     out.loss.backward()
@@ -76,7 +87,7 @@ def test_bf16_losses_and_gradients_agree_with_float32(fixed, name: str, chunked:
 def test_bf16_teacher_scores_agree_with_float32(fixed) -> None:
     setup, batch = fixed
     teacher16 = copy.deepcopy(setup.teacher).to(torch.bfloat16)
-    with forward_precision("bf16", torch.device("cpu")):
+    with forward_precision("bf16", batch.tokens.device):
         scored = score_batch(teacher16, batch.replace(teacher_cache=None), top_k=8)
     response = batch.response_mask
     with torch.no_grad():
