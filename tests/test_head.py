@@ -321,10 +321,15 @@ def test_prefix_sharing_refuses_models_with_dropout() -> None:
 def test_training_step_with_a_shared_prompt_equals_the_plain_one(
     tiny_pair, tmp_path, monkeypatch
 ) -> None:
-    """A whole train step (rollout, scoring, objective, optimizer) on prompts that share
-    their first tokens: the same loss and parameters as with sharing turned off."""
+    """A whole train step (rollout, scoring, objective, backward) on prompts that share
+    their first tokens: the same loss, gradient norm and gradients as with sharing off."""
     config = tiny_config(
-        tiny_pair, tmp_path, "run.steps=2", "rollout.samples_per_prompt=2", "teacher.top_k=8"
+        tiny_pair,
+        tmp_path,
+        "run.steps=2",
+        "rollout.samples_per_prompt=2",
+        "teacher.top_k=8",
+        "model.dtype=float32",
     )
     results = []
     for share in (True, False):
@@ -335,11 +340,13 @@ def test_training_step_with_a_shared_prompt_equals_the_plain_one(
         setup.train_prompts = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 10, 12, 13]]
         loop.seed_everything(config.run.seed, 0, 0)
         record = loop.train_step(setup, 0, rank=0, world_size=1)
-        results.append((record["loss"], [p.detach().clone() for p in setup.student.parameters()]))
-    (loss, params), (plain_loss, plain_params) = results
+        grads = [p.grad.clone() for p in setup.student.parameters()]  # this step's
+        results.append((record["loss"], record["grad_norm"], grads))
+    (loss, norm, grads), (plain_loss, plain_norm, plain_grads) = results
     assert loss == pytest.approx(plain_loss, rel=1e-4, abs=1e-6)
-    for got, want in zip(params, plain_params, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert norm == pytest.approx(plain_norm, rel=1e-4)
+    for got, want in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * plain_norm)
 
 
 def _micro_sharing():

@@ -78,6 +78,7 @@ def test_a_lora_run_trains_adapters_and_exports_a_merged_model(tiny_pair, tmp_pa
             "lora.enabled=true",
             "lora.rank=2",
             "optim.lr=0.05",
+            "model.dtype=float32",  # (auto is bf16 on a GPU: the embedding compared below)
         ],
     )
     run_dir = loop.train(config)

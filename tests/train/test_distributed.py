@@ -40,6 +40,7 @@ from tropd.train.shutdown import lock_run_dir
 
 HARNESS = Path(__file__).with_name("dist_harness.py")
 SETTINGS = (
+    "model.device=cpu",  # gloo: what these tests check, also on a machine with GPUs
     "run.steps=4",
     "run.save_every=2",
     "run.progress=false",
@@ -335,7 +336,12 @@ def test_a_stuck_rank_fails_the_run_within_the_timeout(tmp_path):
             while len(list(ready.iterdir())) < 2:
                 time.sleep(0.05)
             config = load_config(
-                None, ["distributed.timeout_s={STUCK_TIMEOUT_S}", "rollout.prompts_per_step=2"]
+                None,
+                [
+                    "distributed.timeout_s={STUCK_TIMEOUT_S}",
+                    "rollout.prompts_per_step=2",
+                    "model.device=cpu",
+                ],
             )
             with process_group(config) as (rank, world_size):
                 dist.barrier()
@@ -373,7 +379,7 @@ def test_a_stopped_rank_frees_its_model_before_the_group(tmp_path):
             from tropd.train import distributed
             from tropd.train.shutdown import RunStopped
 
-            config = load_config(None, ["rollout.prompts_per_step=2"])
+            config = load_config(None, ["rollout.prompts_per_step=2", "model.device=cpu"])
             wrappers = []
 
             def train():
@@ -407,6 +413,18 @@ def test_world_size_must_split_the_prompts():
         distributed.check_world_size(config, 4)
     with pytest.raises(ConfigError, match=r"model\.device"):
         distributed.check_world_size(load_config(None, ["model.device=cuda:1"]), 2)
+
+
+def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
+    """`auto` on a machine with one GPU and a second process: a config error naming the
+    fix, before any model loads (CUDA would fail later with 'invalid device ordinal')."""
+    monkeypatch.setattr(distributed, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"--nproc-per-node=1\) or set model\.device=cpu"):
+        distributed.check_world_size(load_config(None, ["rollout.prompts_per_step=2"]), 2)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    distributed.check_world_size(load_config(None, ["rollout.prompts_per_step=2"]), 2)
 
 
 def test_mixed_precision_needs_fsdp2():

@@ -34,8 +34,12 @@ def score_batch(
     top-k fields None and `entropy=False` the entropy (a method that reads neither).
 
     When the batch carries this model's `teacher_cache` (it wrote the prefixes), the
-    prompt and prefix of those rows are not run again (`predicting_states`).
+    prompt and prefix of those rows are not run again (`predicting_states`). The batch may
+    be on another device than the model: it is scored on the model's and returned on its
+    own.
     """
+    home = batch.tokens.device
+    batch = batch.to(next(model.parameters()).device)
     bsz, length = batch.tokens.shape
     positions = batch.response_mask.nonzero(as_tuple=True)
     targets = batch.tokens[positions]
@@ -71,7 +75,7 @@ def score_batch(
         teacher_topk_logprobs=scatter(top_lp, top_k) if top_k else None,
         teacher_entropy=scatter(ent) if entropy else None,
         teacher_cache=None,
-    )
+    ).to(home)
 
 
 def predicting_states(

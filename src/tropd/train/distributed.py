@@ -124,6 +124,13 @@ def check_world_size(config: Config, world_size: int) -> None:
             f"model.device: {config.model.device} would put every process on one GPU; use "
             "auto or cuda (each process takes the GPU of its LOCAL_RANK)"
         )
+    local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if resolve_device(config.model.device).type == "cuda" and local_rank >= gpus:
+        raise ConfigError(
+            f"model.device: {config.model.device}: process LOCAL_RANK={local_rank} has no GPU "
+            f"of its own on this machine ({gpus} CUDA device(s)); start at most {gpus} "
+            f"processes per machine (torchrun --nproc-per-node={gpus}) or set model.device=cpu"
+        )
 
 
 def parallelize(student: torch.nn.Module, settings: DistributedConfig) -> Any:

@@ -352,11 +352,8 @@ def score_teacher(setup: Setup, batch: TokenBatch) -> TokenBatch:
     top_k = t.top_k if objective.teacher_topk else 0
     if isinstance(setup.teacher, RemoteTeacher):
         scored = setup.teacher.score_batch(batch, top_k, objective.teacher_entropy)
-    else:
-        on_teacher = batch.to(device_of(setup.teacher))
-        scored = score_batch(
-            setup.teacher, on_teacher, top_k, t.chunk_size, objective.teacher_entropy
-        )
+    else:  # on the teacher's device, back on the batch's (the student's)
+        scored = score_batch(setup.teacher, batch, top_k, t.chunk_size, objective.teacher_entropy)
     return scored.to(device_of(setup.student))
 
 
