@@ -338,15 +338,28 @@ def test_training_step_with_a_shared_prompt_equals_the_plain_one(
         setup = loop.build(config, tmp_path / f"run{share}")
         assert loop.shared_prompt(setup, setup.student, _micro_sharing()) == (6 if share else 0)
         setup.train_prompts = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 10, 12, 13]]
+        grads = _gradients_at_optimizer_step(setup)
         loop.seed_everything(config.run.seed, 0, 0)
         record = loop.train_step(setup, 0, rank=0, world_size=1)
-        grads = [p.grad.clone() for p in setup.student.parameters()]  # this step's
+        assert all(p.grad is None for p in setup.student.parameters())
         results.append((record["loss"], record["grad_norm"], grads))
     (loss, norm, grads), (plain_loss, plain_norm, plain_grads) = results
     assert loss == pytest.approx(plain_loss, rel=1e-4, abs=1e-6)
     assert norm == pytest.approx(plain_norm, rel=1e-4)
     for got, want in zip(grads, plain_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * plain_norm)
+
+
+def _gradients_at_optimizer_step(setup) -> list[torch.Tensor]:
+    """A list that receives the student's gradients when the optimizer steps (the train
+    step frees them after)."""
+    grads: list[torch.Tensor] = []
+    setup.optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: grads.extend(
+            p.grad.clone() for p in setup.student.parameters()
+        )
+    )
+    return grads
 
 
 def _micro_sharing():

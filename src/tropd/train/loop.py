@@ -231,6 +231,9 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     # earlier steps were skipped (and torch sees no scheduler step before an optimizer step).
     setup.optimizer.step()
     setup.scheduler.step()
+    # Gradients freed now, not at the next step's start: the sampling and scoring phases
+    # (the teacher's reordered weights, its caches) then reuse their memory.
+    setup.optimizer.zero_grad(set_to_none=True)
 
     record: dict[str, Any] = {
         "step": step,
