@@ -33,13 +33,18 @@ FAST = [name for name in list_objectives() if REGISTRY[name].chunked_head]
 @pytest.fixture(scope="module")
 def scored(tiny_pair, tmp_path_factory):
     """(setup, batch): 3 prompts × 2 rollouts, half of them guided, scored with top-8."""
-    setup, batch = guided_rollout(tiny_pair, tmp_path_factory.mktemp("run"), "run.steps=4")
+    setup, batch = guided_rollout(
+        tiny_pair,
+        tmp_path_factory.mktemp("run"),
+        "run.steps=4",
+        "model.dtype=float32",  # float32 rounding is what these tests allow (auto: bf16 on GPUs)
+    )
     # Without the KV cache of the teacher's prefix writing, so that this scoring and the
     # tests' own (which find the cache used) run the same full forward: the cached states
     # come from the decoding loop's reordered weights, equal only to float32 rounding.
-    batch = batch.replace(teacher_cache=None)
+    batch = batch.replace(teacher_cache=None).to(loop.device_of(setup.student))  # as the loop
     batch = score_batch(setup.teacher, batch, top_k=8)  # every statistic, for every method
-    reward = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    reward = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0], device=batch.tokens.device)
     batch = batch.replace(reward=reward)
     assert bool(batch.teacher_mask.any()) and bool(batch.student_mask.any())
     return setup, batch
