@@ -21,7 +21,6 @@ from pathlib import Path
 import throughput as tp
 import torch
 
-from tropd.config import load_config
 from tropd.train import loop
 
 PHASES = ("time_generate_s", "time_teacher_s", "time_train_s", "time_optimizer_s")
@@ -29,30 +28,7 @@ PHASES = ("time_generate_s", "time_teacher_s", "time_train_s", "time_optimizer_s
 
 def run(shape, models: Path, objective: str, precision: str, steps: int) -> dict:
     """`steps` train steps from the same seed; the first is a warm-up (not timed)."""
-    config = load_config(
-        None,
-        [
-            f"run.steps={tp.TROPD_HORIZON}",
-            f"run.seed={tp.SEED}",
-            "run.save_every=0",
-            "run.progress=false",
-            f"model.student={models / 'student'}",
-            f"model.teacher={models / 'teacher'}",
-            f"model.tokenizer={models / 'tokenizer'}",
-            "model.dtype=float32",
-            f"model.autocast={precision}",
-            "model.device=cuda",
-            "task.name=add",
-            f"rollout.prompts_per_step={shape.prompts}",
-            "rollout.samples_per_prompt=1",
-            f"rollout.max_new_tokens={shape.new_tokens}",
-            f"objective.name={objective}",
-            f"optim.lr={tp.LR}",
-            f"optim.grad_clip={tp.GRAD_CLIP}",
-            f"optim.micro_batch_size={shape.prompts}",
-            "eval.every=0",
-        ],
-    )
+    config = tp.tropd_config(shape, models, objective, precision, "cuda", [])
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as run_dir:
         setup = loop.build(config, Path(run_dir))

@@ -524,20 +524,14 @@ def step_sample(
 # --- tropd ------------------------------------------------------------------------
 
 
-def run_tropd(
-    objective: str,
-    shape: Shape,
-    models: Path,
-    sampler: StepSampler,
-    precision: str,
-    overrides: list[str],
-) -> dict[str, Any]:
+def tropd_config(
+    shape: Shape, models: Path, objective: str, precision: str, device: str, overrides: list[str]
+):
+    """The tropd run config every tropd system of a shape uses (its prompts are replaced
+    by the shape's after `loop.build`)."""
     from tropd.config import load_config
-    from tropd.objectives import get_objective
-    from tropd.train import loop
 
-    prompts = make_prompts(shape, models)
-    config = load_config(
+    return load_config(
         None,
         [
             f"run.steps={TROPD_HORIZON}",
@@ -549,8 +543,8 @@ def run_tropd(
             f"model.tokenizer={models / 'tokenizer'}",
             "model.dtype=float32",
             f"model.autocast={'bf16' if precision == 'bf16' else 'none'}",
-            "model.device=cpu",
-            "task.name=add",  # only satisfies the config: the prompts are replaced below
+            f"model.device={device}",
+            "task.name=add",  # only satisfies the config: the prompts are replaced
             f"rollout.prompts_per_step={shape.prompts}",
             "rollout.samples_per_prompt=1",
             f"rollout.max_new_tokens={shape.new_tokens}",
@@ -564,6 +558,21 @@ def run_tropd(
             *overrides,
         ],
     )
+
+
+def run_tropd(
+    objective: str,
+    shape: Shape,
+    models: Path,
+    sampler: StepSampler,
+    precision: str,
+    overrides: list[str],
+) -> dict[str, Any]:
+    from tropd.objectives import get_objective
+    from tropd.train import loop
+
+    prompts = make_prompts(shape, models)
+    config = tropd_config(shape, models, objective, precision, "cpu", overrides)
     with tempfile.TemporaryDirectory() as run_dir:
         setup = loop.build(config, Path(run_dir))
         # A pool of exactly one step's prompts: `prompts_for_step` then picks all of them,

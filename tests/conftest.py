@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tropd.config import Config, load_config
 from tropd.models import tiny_llama_config
@@ -143,3 +143,25 @@ def guided_rollout(pair: tuple[str, str], run_dir: Path, *overrides: str):
     torch.manual_seed(0)
     batch, _ = loop.rollout(setup, setup.train_prompts[:3], step=1)
     return setup, batch
+
+
+def tiny_qwen2(seed: int = 0, vocab: int = 48, **extra) -> Qwen2ForCausalLM:
+    """A 2-layer Qwen2 with grouped-query attention and non-zero q/k/v biases, in eval mode."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        rope_theta=500.0,
+        tie_word_embeddings=False,
+        **extra,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # non-zero biases, so a dropped or misplaced one shows
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_()
+    return model

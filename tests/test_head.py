@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import guided_rollout, tiny_config
-from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from conftest import guided_rollout, tiny_config, tiny_qwen2
+from transformers import LlamaForCausalLM
 
 from tropd.batch import TokenBatch, align_logits
 from tropd.config import load_config
@@ -252,15 +252,7 @@ def _sharing_model(name: str):
     torch.manual_seed(0)
     if name == "llama":
         return LlamaForCausalLM(tiny_llama_config(48, 32, 3, num_heads=4))
-    config = Qwen2Config(
-        vocab_size=48,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-    )
-    return Qwen2ForCausalLM(config)
+    return tiny_qwen2()
 
 
 @pytest.mark.parametrize(

@@ -9,13 +9,8 @@ import copy
 
 import pytest
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from conftest import tiny_qwen2
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from tropd.kernels import decoding, onednn_available, use_onednn
 from tropd.models import tiny_llama_config
@@ -36,27 +31,6 @@ def llama(seed: int = 0, kv_heads: int = 2) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def qwen2(seed: int = 0, **extra) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        rope_theta=500.0,
-        tie_word_embeddings=False,
-        **extra,
-    )
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():  # non-zero biases, so a dropped or misplaced one shows
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_()
-    return model
-
-
 def forced(stepper, tokens: torch.Tensor, attention: torch.Tensor, prefill: int):
     """Per-step logits of `stepper` fed `tokens` (prefill columns, then one at a time)."""
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
@@ -67,7 +41,7 @@ def forced(stepper, tokens: torch.Tensor, attention: torch.Tensor, prefill: int)
     return torch.stack(out, 1)
 
 
-MODELS = {"llama": llama, "llama_mha": lambda: llama(1, kv_heads=4), "qwen2": qwen2}
+MODELS = {"llama": llama, "llama_mha": lambda: llama(1, kv_heads=4), "qwen2": tiny_qwen2}
 
 
 @pytest.mark.parametrize("products", ["torch", "onednn", "cuda"])
@@ -117,7 +91,7 @@ def test_lean_step_matches_the_models_forward(name: str, products: str) -> None:
 def test_engine_decodes_with_the_lean_step_and_writes_the_same_tokens(monkeypatch) -> None:
     """Greedy generation through the engine: the lean step is what runs, and it writes
     the tokens the model's own forward writes, with log-probs equal to rounding."""
-    model = qwen2(2)
+    model = tiny_qwen2(2)
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
     params = SamplingParams(9, temperature=0)
     built = []
@@ -145,7 +119,7 @@ def test_refuses_other_architectures_and_adapters() -> None:
 
 
 def test_refuses_sliding_window_layers() -> None:
-    model = qwen2(use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    model = tiny_qwen2(use_sliding_window=True, sliding_window=4, max_window_layers=0)
     assert set(model.config.layer_types) == {"sliding_attention"}
     assert not lean_supported(model)
 
