@@ -137,7 +137,7 @@ def test_refuses_a_model_whose_forward_differs_from_its_structure() -> None:
 def test_shared_prefix_is_what_every_prompt_starts_with() -> None:
     assert shared_prefix([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7, 8], [1, 2, 3, 4, 5]]) == 4
     assert shared_prefix([[1, 2, 3, 4, 5, 6, 9]] * 3) == 6  # one short of the prompt
-    assert shared_prefix([[1, 2, 3, 9, 5], [1, 2, 3, 4, 5]]) == 0  # under MIN_SHARED
+    assert shared_prefix([[1, 2, 3, 9, 5], [1, 2, 3, 4, 5]]) == 0  # under MIN_SHARED_COLUMNS
     assert shared_prefix([[1, 2, 3, 4, 5, 6]]) == 0  # one prompt
     tokens, mask = pad_after_prefix([[7, 7, 7, 1], [7, 7, 7, 2, 3, 4]], 3, 0)
     assert tokens.tolist() == [[7, 7, 7, 0, 0, 1], [7, 7, 7, 2, 3, 4]]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from tropd.head import chunked_head_supported, decoding_logits
+from tropd.head import MIN_SHARED_COLUMNS, chunked_head_supported, decoding_logits
 from tropd.kernels import OneDNNLinear, fused_linear
 
 SUPPORTED = {
@@ -36,7 +36,6 @@ SUPPORTED = {
 }
 _LINEAR = (nn.Linear, OneDNNLinear)
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-MIN_SHARED = 4  # fewer shared prompt tokens are not worth a prefill of their own
 
 
 def lean_supported(model) -> bool:
@@ -236,14 +235,14 @@ class LeanStepper:
 def shared_prefix(prompts: list[list[int]]) -> int:
     """How many leading tokens every prompt shares (a system prompt, a chat template, or
     the same prompt sampled several times), kept one short of the shortest prompt so each
-    row has a token of its own to predict from; 0 below `MIN_SHARED` or for one prompt."""
+    row has a token of its own to predict from; 0 below `MIN_SHARED_COLUMNS` or for one prompt."""
     if len(prompts) < 2:
         return 0
     shortest = min(len(p) for p in prompts)
     first, n = prompts[0], 0
     while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
         n += 1
-    return n if n >= MIN_SHARED else 0
+    return n if n >= MIN_SHARED_COLUMNS else 0
 
 
 def pad_after_prefix(
