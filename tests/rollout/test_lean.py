@@ -1,7 +1,7 @@
 """The lean decoding step (`tropd.rollout.lean`) against the model's own forward: the same
 logits, hidden states and KV cache to float32 rounding, on Llama and Qwen2 (biases,
-grouped-query attention, left padding), with torch's and oneDNN's products; and the
-models it must refuse."""
+grouped-query attention, left padding), with torch's and oneDNN's products and on a CUDA
+device where there is one; and the models it must refuse."""
 
 from __future__ import annotations
 
