@@ -239,8 +239,7 @@ def final_hidden_states(model, tokens: torch.Tensor, attention_mask: torch.Tenso
     """The decoder's last hidden states `[B, T, H]` over right-padded `tokens`, without the
     LM head; columns every row shares run once (`last_hidden_states`) where the model
     allows it (`prefix_sharing_supported`)."""
-    shared = shared_columns(tokens, attention_mask)
-    if shared and prefix_sharing_supported(model):
+    if shared := sharable_columns(model, tokens, attention_mask):
         return last_hidden_states(model, tokens, attention_mask, shared)
     return model.base_model(input_ids=tokens, attention_mask=attention_mask).last_hidden_state
 
@@ -376,10 +375,25 @@ def _sharing_agrees(model) -> bool:
     finally:
         model.train(training)
     real = attention.bool()
-    scale = theirs[real].abs().amax().clamp(min=1.0)
+    return within_rounding(model, ours[real], theirs[real])
+
+
+def within_rounding(model, ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Whether two computations of the same outputs of `model` (another summation order,
+    fused products, another attention kernel) agree to float rounding: a few units of its
+    dtype's rounding of their scale per layer. A structural mistake (a wrong mask,
+    position or head grouping) moves them by O(1)."""
+    scale = theirs.abs().amax().clamp(min=1.0)
     eps = torch.finfo(next(model.parameters()).dtype).eps
     layers = getattr(model.config, "num_hidden_layers", 1)
-    return bool((ours[real] - theirs[real]).abs().amax() <= 64 * eps * scale * layers)
+    return bool((ours - theirs).abs().amax() <= 64 * eps * scale * layers)
+
+
+def sharable_columns(model, tokens: torch.Tensor, attention: torch.Tensor) -> int:
+    """`shared_columns` where `model` allows sharing them (`prefix_sharing_supported`),
+    else 0: what `last_hidden_states` may be given."""
+    shared = shared_columns(tokens, attention)
+    return shared if shared and prefix_sharing_supported(model) else 0
 
 
 _SUPPORTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

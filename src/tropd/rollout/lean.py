@@ -27,7 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from tropd.head import MIN_SHARED_COLUMNS, chunked_head_supported, decoding_logits
+from tropd.head import (
+    MIN_SHARED_COLUMNS,
+    chunked_head_supported,
+    decoding_logits,
+    within_rounding,
+)
 from tropd.kernels import OneDNNLinear, fused_linear
 
 SUPPORTED = {
@@ -101,12 +106,7 @@ def _agrees(model) -> bool:
                 ours.append(stepper(*step))
     finally:
         model.train(training)
-    ours = torch.stack(ours, 1)
-    # Both sides round differently (fused products, another attention kernel); the
-    # difference is a few units of the dtype's rounding of the logits' scale.
-    scale = theirs.abs().amax().clamp(min=1.0)
-    eps = torch.finfo(next(model.parameters()).dtype).eps
-    return bool((ours - theirs).abs().amax() <= 64 * eps * scale * len(model.model.layers))
+    return within_rounding(model, torch.stack(ours, 1), theirs)
 
 
 class LeanStepper:

@@ -25,8 +25,7 @@ from tropd.head import (
     autocast_dtype,
     chunked_head_supported,
     last_hidden_states,
-    prefix_sharing_supported,
-    shared_columns,
+    sharable_columns,
 )
 from tropd.kernels import keep_freed_memory, use_onednn
 from tropd.lora import apply_lora, merge_lora
@@ -277,12 +276,10 @@ def student_logits(setup: Setup, forward, micro: TokenBatch):
 def shared_prompt(setup: Setup, forward, micro: TokenBatch) -> int:
     """Leading columns the micro-batch's rows all share (`shared_columns`: a system
     prompt, a chat template, the same prompt sampled several times), run once in the
-    training forward; 0 through a DDP/FSDP wrapper or where the model fails
-    `prefix_sharing_supported`."""
+    training forward (`sharable_columns`); 0 through a DDP/FSDP wrapper."""
     if forward is not setup.student or is_sharded(setup.student):
         return 0
-    shared = shared_columns(micro.tokens, micro.attention_mask)
-    return shared if shared and prefix_sharing_supported(setup.student) else 0
+    return sharable_columns(setup.student, micro.tokens, micro.attention_mask)
 
 
 def rollout(
