@@ -215,6 +215,13 @@ class GuidanceConfig(_Section):
         description="a prefix may cover a whole teacher response (a fully off-policy, pure-SFT "
         "row); null: the objective's (seqkd: true), else false",
     )
+    write_ahead: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="steps whose prefixes the frozen teacher writes in one batched loop (their "
+        "prompts are known ahead; a loop's cost hardly grows with its rows); 1: each step its own",
+    )
 
     @model_validator(mode="after")
     def _fraction_cap_at_most_one(self) -> GuidanceConfig:

@@ -12,7 +12,14 @@ import torch
 
 from tropd.batch import TokenBatch
 from tropd.model_names import load_model, load_tokenizer
-from tropd.rollout import GuidancePlan, HFEngine, SamplingParams, collect_rollouts
+from tropd.rollout import (
+    GuidancePlan,
+    HFEngine,
+    SamplingParams,
+    collect_rollouts,
+    teacher_request,
+    write_prefixes,
+)
 from tropd.teacher import score_batch
 
 MAX_NEW = 10
@@ -150,4 +157,65 @@ def test_a_teacher_that_stops_early_leaves_a_cache_that_matches(models) -> None:
     for name in FIELDS:
         torch.testing.assert_close(
             getattr(cached, name)[response], getattr(full, name)[response], rtol=0, atol=ATOL
+        )
+
+
+@pytest.mark.parametrize("plan", ["relative-uniform", "absolute-full"])
+def test_prefixes_written_ahead_score_like_a_full_forward(models, plan: str) -> None:
+    """Three steps' requests written in one teacher loop (`write_prefixes`): each step's
+    batch holds its own rows of that loop's state, and its cached scores equal a full
+    forward over its rows (also after the steps before it extended their own caches); the
+    prefixes are the loop's tokens for that step's rows."""
+    teacher, student, tok = models
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    steps = [PROMPTS["distinct"][:3], PROMPTS["shared"][:4], PROMPTS["distinct"][2:]]
+    steps = [[tok.encode(text) for text in prompts] for prompts in steps]
+    guide = PLANS[plan]
+    params = SamplingParams(MAX_NEW)
+    requests = [teacher_request(p, 2, params, guide, random.Random(s)) for s, p in enumerate(steps)]
+    torch.manual_seed(0)
+    written = write_prefixes(HFEngine(teacher, pad, eos), requests)
+    assert [w.picked for w in written] == [r.picked for r in requests]
+    for s, (prompts, part) in enumerate(zip(steps, written, strict=True)):
+        batch = collect_rollouts(
+            HFEngine(student, pad, eos),
+            prompts,
+            params,
+            2,
+            pad,
+            guidance=guide,
+            rng=random.Random(s),
+            written=part,
+        )
+        assert batch.teacher_cache.state is part.state and batch.teacher_mask.any()
+        for row, generation in zip(part.picked, part.generations, strict=True):
+            prefix = batch.tokens[row][batch.teacher_mask[row]].tolist()
+            assert prefix == generation.tokens[: len(prefix)]
+        full = score_batch(teacher, batch.replace(teacher_cache=None), top_k=5)
+        cached = score_batch(teacher, batch, top_k=5)
+        assert batch.teacher_cache.used
+        response = batch.response_mask
+        for name in FIELDS:
+            torch.testing.assert_close(
+                getattr(cached, name)[response], getattr(full, name)[response], rtol=0, atol=ATOL
+            )
+
+
+def test_responses_written_for_other_rows_are_refused(models) -> None:
+    teacher, student, tok = models
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    prompts = [tok.encode(text) for text in PROMPTS["distinct"]]
+    guide = PLANS["relative-uniform"]
+    request = teacher_request(prompts, 4, SamplingParams(MAX_NEW), guide, random.Random(0))
+    (written,) = write_prefixes(HFEngine(teacher, pad, eos), [request])
+    with pytest.raises(ValueError, match="written ahead"):
+        collect_rollouts(
+            HFEngine(student, pad, eos),
+            prompts,
+            SamplingParams(MAX_NEW),
+            4,
+            pad,
+            guidance=guide,
+            rng=random.Random(1),  # another step's draws: other rows guided
+            written=written,
         )

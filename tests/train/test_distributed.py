@@ -53,6 +53,9 @@ SETTINGS = (
     "optim.lr=1e-2",
     "optim.micro_batch_size=4",
     "objective.options={trust_gate: soft}",
+    # The harness samples prompt by prompt so rollouts do not depend on how prompts are
+    # split; a teacher loop over several steps' rows of one rank would.
+    "guidance.write_ahead=1",
 )
 # Every metric but the step and the timings: none depends on how rows are split into ranks and
 # micro-batches (token means are token-weighted, counts summed).

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from tropd import cli
 from tropd.config import GUIDANCE_DEFAULTS, Config, ConfigError, load_config
+from tropd.rollout import HFEngine
 from tropd.rollout.blend import BlendEngine
 from tropd.train import loop
 from tropd.train.checkpoint import list_checkpoints
@@ -218,6 +219,46 @@ def test_resume_after_interruption_matches_uninterrupted_run(sharp_pair, tmp_pat
     resumed = loop.train(partial_config, resume=True)
     assert [m["step"] for m in read_metrics(resumed)] == [0, 1, 2, 3, 4, 5]
     assert_resumed_run_matches(full, resumed)
+
+
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_teacher_prefixes_are_written_once_per_group_and_again_alike(
+    sharp_pair, tmp_path, monkeypatch, ahead
+):
+    """`guidance.write_ahead`: the teacher's loop runs at the first step of each group of
+    that many steps (over all their guided rows), and a setup built fresh inside a group
+    (a resumed run) samples that step's rollouts and teacher scores exactly as the run
+    that went through the group's first steps."""
+    calls = []
+    real = HFEngine.generate_keeping_state
+
+    def counting(self, prompts, params):
+        calls.append(len(prompts))
+        return real(self, prompts, params)
+
+    monkeypatch.setattr(HFEngine, "generate_keeping_state", counting)
+    config = make_config(
+        sharp_pair, tmp_path, "run.steps=5", f"guidance.write_ahead={ahead}", "optim.lr=0.05"
+    )
+    batches, guided = {}, {}
+    setup = loop.build(config, tmp_path / "a")
+    for step in range(1, 6):
+        loop.seed_everything(config.run.seed, step, 0)
+        prompts = loop.prompts_for_step(setup.train_prompts, step, 8, 0, 1)
+        batch, cap = loop.rollout(setup, prompts, step)
+        batches[step] = loop.score_teacher(setup, batch)
+        guided[step] = (batch.teacher_cache.rows if batch.teacher_cache else [], cap)
+    # The cosine cap is 0 at the last step: nobody is guided there.
+    assert guided[5] == ([], 0.0) and all(len(guided[s][0]) == 16 for s in range(1, 5))
+    assert calls == ([16] * 4 if ahead == 1 else [48, 16])
+    calls.clear()
+    again = loop.build(config, tmp_path / "b")  # the student is the same: no step trained
+    loop.seed_everything(config.run.seed, 2, 0)
+    batch, _ = loop.rollout(again, loop.prompts_for_step(again.train_prompts, 2, 8, 0, 1), 2)
+    assert calls == ([16] if ahead == 1 else [48])  # the group written again
+    batch = loop.score_teacher(again, batch)
+    for name in ("tokens", "origin", "sampler_logprobs", "teacher_logprobs", "teacher_entropy"):
+        torch.testing.assert_close(getattr(batch, name), getattr(batches[2], name), rtol=0, atol=0)
 
 
 def poison_objective(monkeypatch) -> dict:

@@ -3,6 +3,7 @@ from a Hugging Face causal LM in this process (batched, KV cache, `decode`)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -60,6 +61,22 @@ class DecodeState:
     attention: torch.Tensor
     hidden: torch.Tensor
     prompt_width: int
+
+    def select(self, rows: range) -> DecodeState | None:
+        """The state of `rows` alone, as views of this one (which must then stay as it is;
+        scoring extends a cache by new tensors, not in place); None for a cache without
+        per-layer keys and values."""
+        part = slice(rows.start, rows.stop)
+        cache = copy.copy(self.cache)
+        try:  # a transformers `Cache`: one copied layer object per layer, its tensors sliced
+            cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[part], layer.values[part]
+        except (AttributeError, TypeError):
+            return None
+        return DecodeState(
+            self.model, cache, self.attention[part], self.hidden[part], self.prompt_width
+        )
 
 
 class HFEngine:

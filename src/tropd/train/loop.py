@@ -12,7 +12,7 @@ import random
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,16 @@ from tropd.model_names import (
 )
 from tropd.models import forward_precision, native_bf16
 from tropd.objectives import Objective, OptionError, get_objective, list_objectives
-from tropd.rollout import GuidancePlan, HFEngine, SamplingParams, collect_rollouts, prefix_cap
+from tropd.rollout import (
+    GuidancePlan,
+    HFEngine,
+    SamplingParams,
+    Written,
+    collect_rollouts,
+    prefix_cap,
+    teacher_request,
+    write_prefixes,
+)
 from tropd.rollout.blend import BlendEngine, blend_budget
 from tropd.rollout.engine import is_sharded
 from tropd.rollout.vllm_engine import VLLMEngine
@@ -74,6 +83,7 @@ class Setup:
     sampler: str = "hf"  # what samples the student, for the whole run: hf | vllm | blend
     vllm: Any = None  # sampler vllm: the engine, with its own copy of the weights
     guidance: dict[str, Any] | None = None  # `guidance_settings`, resolved once per run
+    written: dict[int, Written] = field(default_factory=dict)  # teacher prefixes written ahead
 
 
 class TrainingStopped(RuntimeError):
@@ -289,34 +299,83 @@ def rollout(
     Returns the batch and the prefix cap used (0 without guidance)."""
     config = setup.config
     r, g = config.rollout, config.guidance
-    pad = setup.tokenizer.pad_token_id
-    guided = g.enabled if g.enabled is not None else setup.objective.wants_guidance
-    setting = setup.guidance
-    cap = 0.0
+    plan = guidance_plan(setup, step)
+    written = None
+    if plan is not None and g.write_ahead > 1:
+        written = written_ahead(setup, step, rank, world_size)
+    batch = collect_rollouts(
+        student_engine(setup, step),
+        prompts,
+        SamplingParams(r.max_new_tokens, r.temperature, r.top_p),
+        r.samples_per_prompt,
+        setup.tokenizer.pad_token_id,
+        teacher=teacher_engine(setup) if plan is not None else None,
+        guidance=plan,
+        rng=step_rng(config, step, rank, world_size),
+        written=written,
+    )
+    return batch, plan.cap if plan is not None else 0.0
+
+
+def guidance_plan(setup: Setup, step: int) -> GuidancePlan | None:
+    """What the teacher writes at `step` (its prefix cap from the schedule); None without
+    guidance."""
+    config = setup.config
+    g, setting = config.guidance, setup.guidance
+    if not (g.enabled if g.enabled is not None else setup.objective.wants_guidance):
+        return None
     relative = g.cap_unit == "fraction"
-    if guided:
-        initial = g.initial_cap or (1.0 if relative else r.max_new_tokens)
-        cosine = setting["schedule"] == "cosine"
-        cap = prefix_cap(step - 1, config.run.steps, initial) if cosine else initial
-    plan = GuidancePlan(
-        cap,
+    initial = g.initial_cap or (1.0 if relative else config.rollout.max_new_tokens)
+    cosine = setting["schedule"] == "cosine"
+    return GuidancePlan(
+        prefix_cap(step - 1, config.run.steps, initial) if cosine else initial,
         setting["prefix"],
         setting["guided_fraction"],
         g.temperature,
         relative,
         setting["full_prefix"],
     )
-    batch = collect_rollouts(
-        student_engine(setup, step),
-        prompts,
-        SamplingParams(r.max_new_tokens, r.temperature, r.top_p),
-        r.samples_per_prompt,
-        pad,
-        teacher=teacher_engine(setup) if guided else None,
-        guidance=plan,
-        rng=random.Random(config.run.seed * 7919 + step * world_size + rank),
-    )
-    return batch, cap
+
+
+def step_rng(config: Config, step: int, rank: int, world_size: int) -> random.Random:
+    """The draws of a step's guidance (which rollouts get a prefix, how long)."""
+    return random.Random(config.run.seed * 7919 + step * world_size + rank)
+
+
+def written_ahead(setup: Setup, step: int, rank: int, world_size: int) -> Written | None:
+    """This rank's teacher responses for `step`'s guided rollouts. The teacher is frozen and
+    every step's prompts are known ahead, so it writes those of `guidance.write_ahead`
+    steps (`step`'s group: steps `k*n+1 .. k*n+n`) in one loop (`write_prefixes`), the
+    first time one of them is asked for; the others wait in `setup.written`. The loop
+    samples from its own seed (the group's and rank's) and leaves the global generator as
+    it was, so a run resumed inside a group writes it again exactly as before."""
+    if step not in setup.written:
+        config = setup.config
+        r, n = config.rollout, config.guidance.write_ahead
+        first = (step - 1) // n * n + 1
+        group = range(first, min(first + n, config.run.steps + 1))
+        params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p)
+        requests = {}
+        for s in group:
+            prompts = prompts_for_step(setup.train_prompts, s, r.prompts_per_step, rank, world_size)
+            rng = step_rng(config, s, rank, world_size)
+            request = teacher_request(
+                prompts, r.samples_per_prompt, params, guidance_plan(setup, s), rng
+            )
+            if request is not None:
+                requests[s] = request
+        device = device_of(setup.teacher) if isinstance(setup.teacher, torch.nn.Module) else None
+        cuda = [device] if device is not None and device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(config.run.seed * 1_000_033 + first * 101 + rank)
+            written = (
+                write_prefixes(teacher_engine(setup), [*requests.values()]) if requests else []
+            )
+        parts = dict(zip(requests, written, strict=True))
+        # Steps before `step` (a run resumed inside the group) were written only so the loop
+        # holds the rows it held the first time.
+        setup.written = {s: parts.get(s) for s in group if s >= step}
+    return setup.written.pop(step, None)
 
 
 def student_engine(setup: Setup, step: int):
