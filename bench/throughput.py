@@ -35,6 +35,10 @@ A worker loads the models, runs one untimed warm-up step, then timed steps. A st
 "clean" when other processes used at most 0.15 cores during it (from /proc/stat minus
 this process's CPU time); an unclean step is repeated, up to 3x the requested steps.
 Only clean steps are reported; a cell with fewer clean steps than asked is flagged.
+For `tropd-tropd` a timed "step" is one `guidance.write_ahead` group (2 steps by default,
+starting at a group's first step, whose teacher loop writes the prefixes of both), and
+its time the group's mean per step: steps alternate between a heavier and a lighter one,
+and the mean over a whole group is what a run costs per step.
 
 Timing. tropd: wall time around `train_step`; its record gives the phases. TRL: the time
 between consecutive `on_step_end` callbacks (everything the trainer does per step); the
@@ -506,9 +510,16 @@ class StepSampler:
 
 
 def step_sample(
-    before: Snapshot, after: Snapshot, phases: dict[str, float], tokens: float, **extra: Any
+    before: Snapshot,
+    after: Snapshot,
+    phases: dict[str, float],
+    tokens: float,
+    steps: int = 1,
+    **extra: Any,
 ) -> dict[str, Any]:
-    step_s = after.wall - before.wall
+    """One timed sample of `steps` steps between two snapshots, per step (phases: per-step
+    means)."""
+    step_s = (after.wall - before.wall) / steps
     phases = {name: phases.get(name, 0.0) for name in PHASES if name != "other"}
     phases["other"] = step_s - sum(phases.values())
     return {
@@ -560,6 +571,18 @@ def tropd_config(
     )
 
 
+GROUP_MEANS = (
+    "time_generate_s",
+    "time_teacher_s",
+    "time_train_s",
+    "time_optimizer_s",
+    "time_step_s",
+    "response_len",
+    "prefix_len_mean",
+    "prefix_cap",
+)
+
+
 def run_tropd(
     objective: str,
     shape: Shape,
@@ -578,31 +601,37 @@ def run_tropd(
         # A pool of exactly one step's prompts: `prompts_for_step` then picks all of them,
         # in order, at every step.
         setup.train_prompts = [list(p) for p in prompts]
+        # A timed sample is one write-ahead group (`guidance.write_ahead` steps, the first
+        # of which writes the teacher prefixes of all), so its mean step time is the run's.
+        group = config.guidance.write_ahead if loop.guidance_plan(setup, 1) else 1
         meter, step = CpuMeter(), TROPD_FIRST_STEP
         while not sampler.done:
             before = meter.snapshot()
-            loop.seed_everything(SEED, step, 0)
-            record = loop.train_step(setup, step, rank=0, world_size=1)
+            records = []
+            for _ in range(1 if sampler.warmup is None else group):
+                loop.seed_everything(SEED, step, 0)
+                records.append(loop.train_step(setup, step, rank=0, world_size=1))
+                step += 1
             after = meter.snapshot()
-            phases = {
-                "generate": record["time_generate_s"],
-                "teacher": record["time_teacher_s"],
-                "train": record["time_train_s"],
-                "optimizer": record["time_optimizer_s"],
+            mean = {
+                k: statistics.fmean(r[k] for r in records) for k in records[0] if k != "samples"
             }
-            sampler.add(
-                step_sample(
-                    before,
-                    after,
-                    phases,
-                    record["response_len"] * shape.prompts,
-                    teacher_prefix_tokens=record["prefix_len_mean"] * shape.prompts,
-                    prefix_cap=record["prefix_cap"],
-                    tropd_step_s=record["time_step_s"],
-                    tropd_step=step,
-                )
+            phases = {p: mean[f"time_{p}_s"] for p in ("generate", "teacher", "train", "optimizer")}
+            sample = step_sample(
+                before,
+                after,
+                phases,
+                mean["response_len"] * shape.prompts,
+                steps=len(records),
+                teacher_prefix_tokens=mean["prefix_len_mean"] * shape.prompts,
+                prefix_cap=mean["prefix_cap"],
+                tropd_step_s=mean["time_step_s"],
+                tropd_step=records[0]["step"],
+                group_step_s=[r["time_step_s"] for r in records],
             )
-            step += 1
+            sampler.add(sample)
+            if sampler.warmup is sample and (step - 1) % group:  # align to a group's start
+                step += group - (step - 1) % group
     return {"guidance": get_objective(objective).wants_guidance}
 
 
@@ -999,7 +1028,8 @@ def settings_line(
         f"temperature 1, top-p 1, no top-k; fused AdamW lr {LR} constant, grad clip "
         f"{GRAD_CLIP}; TRL: gradient checkpointing off (TRL default: on), no vLLM; "
         f"tropd-tropd keeps its "
-        f"default teacher prefixes (cap = new_tokens/2, mid-schedule). Steps with > "
+        f"default teacher prefixes (cap = new_tokens/2, mid-schedule; one timed step = the mean "
+        f"of one `guidance.write_ahead` group). Steps with > "
         f"{FOREIGN_LIMIT} foreign cores are dropped (mean foreign load seen: {foreign:.2f} "
         f"cores). MFU = equal-work model FLOPs / step time / {args.precision} matmul peak "
         f"{peak:.1f} GFLOP/s (the larger of torch's BLAS and oneDNN: {backends}); "

@@ -20,6 +20,7 @@ from tropd.head import (
     last_hidden_states,
     prefix_sharing_supported,
     shared_columns,
+    sparse_lookup,
 )
 from tropd.model_names import load_model
 from tropd.models import tiny_llama_config
@@ -367,3 +368,30 @@ def _micro_sharing():
         sampler_logprobs=torch.zeros(SHARED_TOKENS.shape),
         group=torch.arange(3),
     )
+
+
+@pytest.mark.parametrize("shared", [0, 6])
+@pytest.mark.parametrize("tied", [True, False])
+def test_sparse_lookup_gives_the_dense_lookups_gradients(tied: bool, shared: int) -> None:
+    """The training forward's lookup with a sparse gradient (`sparse_lookup`): with a tied
+    embedding the head's dense gradient reaches the shared weight first and the looked-up
+    rows are added into it, so every gradient is dense and equals the plain lookup's to
+    float32 rounding; an untied embedding keeps the plain lookup."""
+    model = tiny_qwen2().train()
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    head = model.get_output_embeddings()
+    upstream = torch.randn(3, 10, model.config.vocab_size)
+    results = []
+    for sparse in (False, True):
+        model.zero_grad(set_to_none=True)
+        states = last_hidden_states(model, SHARED_TOKENS, SHARED_MASK, shared, sparse=sparse)
+        (head(states) * upstream)[SHARED_MASK.bool()].sum().backward()
+        assert all(p.grad.layout == torch.strided for p in model.parameters())
+        results.append([p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*results, strict=True):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+    model.zero_grad(set_to_none=True)
+    sparse_lookup(model, SHARED_TOKENS).sum().backward()
+    assert model.get_input_embeddings().weight.grad.is_sparse == tied

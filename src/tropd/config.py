@@ -216,7 +216,7 @@ class GuidanceConfig(_Section):
         "row); null: the objective's (seqkd: true), else false",
     )
     write_ahead: int = Field(
-        4,
+        2,
         ge=1,
         le=64,
         description="steps whose prefixes the frozen teacher writes in one batched loop (their "

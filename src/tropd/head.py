@@ -37,6 +37,7 @@ import weakref
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from tropd.kernels import OneDNNLinear, mm_nt, routed
 
@@ -306,20 +307,22 @@ def shared_columns(tokens: torch.Tensor, attention: torch.Tensor) -> int:
 
 
 def last_hidden_states(
-    model, tokens: torch.Tensor, attention: torch.Tensor, shared: int = 0
+    model, tokens: torch.Tensor, attention: torch.Tensor, shared: int = 0, sparse: bool = False
 ) -> torch.Tensor:
     """The last hidden states `[B, T, H]` of `model` (`hidden_only`) over right-padded
     `tokens`. With `shared` > 0 (`shared_columns`; only where `prefix_sharing_supported`)
     the first `shared` columns run once, as one row, and the rest of every row attends to
     their keys and values repeated over the rows; the shared columns' states are that
-    row's, repeated."""
-    if shared == 0:
+    row's, repeated. `sparse`: look the tokens up with a sparse gradient where the
+    embedding allows (`sparse_lookup`; `model` itself, not a DDP/FSDP wrapper)."""
+    if shared == 0 and not sparse:
         return hidden_only(model, input_ids=tokens, attention_mask=attention).hidden_states[-1]
+    embeds = sparse_lookup(model, tokens) if sparse else model.get_input_embeddings()(tokens)
+    if shared == 0:
+        return hidden_only(model, inputs_embeds=embeds, attention_mask=attention).hidden_states[-1]
     rows, width = tokens.shape
     name = cache_argument(model)
-    # One embedding lookup for both forwards: one embedding backward (each forms a dense
-    # [V, H] gradient).
-    embeds = model.get_input_embeddings()(tokens)
+    # One embedding lookup for both forwards: one embedding backward.
     first = hidden_only(
         model,
         inputs_embeds=embeds[:1, :shared],
@@ -338,6 +341,18 @@ def last_hidden_states(
         **{name: cache},
     )
     return torch.cat([first.hidden_states[-1].expand(rows, -1, -1), rest.hidden_states[-1]], 1)
+
+
+def sparse_lookup(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The input embeddings of `tokens`. Where the embedding is a plain `nn.Embedding`
+    tied to the LM head, with a sparse gradient: the head's dense `[V, H]` gradient reaches
+    the shared weight first in the backward and the looked-up rows are added into it in
+    place, instead of forming a second dense `[V, H]` gradient."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    if type(embed) is not torch.nn.Embedding or not tied or embed.max_norm is not None:
+        return embed(tokens)
+    return F.embedding(tokens, embed.weight, embed.padding_idx, sparse=True)
 
 
 def prefix_sharing_supported(model) -> bool:

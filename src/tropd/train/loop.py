@@ -231,6 +231,12 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
         parts.append((out.metrics, out.weights))
     loss = distributed.all_reduce_sum(float(torch.stack(losses).sum()))
     trained = time.perf_counter()
+    # A tied embedding looked up with a sparse gradient (`sparse_lookup`) ends dense when the
+    # head's gradient reached it, as every loss through the head does; a loss that reached
+    # only the lookup would leave it sparse, which clipping and fused AdamW do not take.
+    for p in student.parameters():
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
     clip = config.optim.grad_clip or math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip))
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -274,8 +280,13 @@ def student_logits(setup: Setup, forward, micro: TokenBatch):
     if not setup.chunked_head:
         out = forward(input_ids=micro.tokens, attention_mask=micro.attention_mask)
         return align_logits(out.logits)
+    single = forward is setup.student and not is_sharded(setup.student)
     hidden = last_hidden_states(
-        forward, micro.tokens, micro.attention_mask, shared_prompt(setup, forward, micro)
+        forward,
+        micro.tokens,
+        micro.attention_mask,
+        shared_prompt(setup, forward, micro),
+        sparse=single,
     )
     head = setup.student.get_output_embeddings()
     chunk = setup.config.optim.head_chunk
