@@ -83,7 +83,7 @@ class Setup:
     sampler: str = "hf"  # what samples the student, for the whole run: hf | vllm | blend
     vllm: Any = None  # sampler vllm: the engine, with its own copy of the weights
     guidance: dict[str, Any] | None = None  # `guidance_settings`, resolved once per run
-    written: dict[int, Written] = field(default_factory=dict)  # teacher prefixes written ahead
+    written: dict[int, Written | None] = field(default_factory=dict)  # `written_ahead`
 
 
 class TrainingStopped(RuntimeError):
