@@ -296,7 +296,8 @@ def test_ranks_die_with_a_killed_launcher(tiny_pair, tmp_path):
 @pytest.mark.slow
 def test_nproc_launches_mixed_precision_fsdp2(tiny_pair, tmp_path, monkeypatch):
     """`tropd train --nproc 2` runs torchrun itself; bf16 FSDP2 trains with finite losses
-    and exports a float32 student."""
+    and exports a float32 student. Each rank's teacher writes both steps' prefixes at the
+    first (`guidance.write_ahead`, on outside the harness)."""
     run_dir = tmp_path / "run"
     config = write_config(
         tiny_pair,
@@ -305,6 +306,9 @@ def test_nproc_launches_mixed_precision_fsdp2(tiny_pair, tmp_path, monkeypatch):
         "eval.every=0",
         "distributed.strategy=fsdp2",
         "distributed.mixed_precision=true",
+        "guidance.write_ahead=2",
+        "guidance.schedule=constant",
+        "guidance.prefix=cap",  # every guided row keeps all but the last teacher token
     )
     (tmp_path / "scratch").mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp_path / "scratch"))
@@ -313,6 +317,7 @@ def test_nproc_launches_mixed_precision_fsdp2(tiny_pair, tmp_path, monkeypatch):
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    assert all(m["prefix_len_mean"] > 0 for m in metrics)  # both steps guided
     assert next(iter(final_weights(run_dir).values())).dtype == torch.float32
 
 
