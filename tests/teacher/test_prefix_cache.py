@@ -75,14 +75,9 @@ def guided_batch(models, plan: GuidancePlan, seed: int, prompts: str = "distinct
     )
 
 
-@pytest.mark.parametrize("prompts", list(PROMPTS))
-@pytest.mark.parametrize("plan", list(PLANS))
-@pytest.mark.parametrize("seed", [0, 1])
-def test_cached_scores_equal_a_full_forward(models, plan: str, seed: int, prompts: str) -> None:
-    teacher = models[0]
-    batch = guided_batch(models, PLANS[plan], seed, prompts)
-    assert batch.teacher_cache is not None
-    assert batch.teacher_mask.any()
+def assert_cached_scores_equal_a_full_forward(teacher, batch: TokenBatch) -> TokenBatch:
+    """Scores `batch` from its teacher cache and by a full forward; they agree on every
+    response position to `ATOL`, and the cache was read. Returns the cached scores."""
     full = score_batch(teacher, batch.replace(teacher_cache=None), top_k=5, chunk_size=7)
     cached = score_batch(teacher, batch, top_k=5, chunk_size=7)
     assert batch.teacher_cache.used and cached.teacher_cache is None
@@ -91,7 +86,20 @@ def test_cached_scores_equal_a_full_forward(models, plan: str, seed: int, prompt
         torch.testing.assert_close(
             getattr(cached, name)[response], getattr(full, name)[response], rtol=0, atol=ATOL
         )
-        assert not getattr(cached, name)[~response].any()
+    return cached
+
+
+@pytest.mark.parametrize("prompts", list(PROMPTS))
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cached_scores_equal_a_full_forward(models, plan: str, seed: int, prompts: str) -> None:
+    teacher = models[0]
+    batch = guided_batch(models, PLANS[plan], seed, prompts)
+    assert batch.teacher_cache is not None
+    assert batch.teacher_mask.any()
+    cached = assert_cached_scores_equal_a_full_forward(teacher, batch)
+    for name in FIELDS:
+        assert not getattr(cached, name)[~batch.response_mask].any()
 
 
 def test_cache_is_read_once(models) -> None:
@@ -150,14 +158,7 @@ def test_a_teacher_that_stops_early_leaves_a_cache_that_matches(models) -> None:
     eager.set_output_embeddings(head)
     batch = guided_batch((eager, student, tok), PLANS["relative-uniform"], 5)
     assert batch.teacher_cache.state.hidden.shape[1] < MAX_NEW
-    full = score_batch(eager, batch.replace(teacher_cache=None), top_k=5)
-    cached = score_batch(eager, batch, top_k=5)
-    assert batch.teacher_cache.used
-    response = batch.response_mask
-    for name in FIELDS:
-        torch.testing.assert_close(
-            getattr(cached, name)[response], getattr(full, name)[response], rtol=0, atol=ATOL
-        )
+    assert_cached_scores_equal_a_full_forward(eager, batch)
 
 
 @pytest.mark.parametrize("plan", ["relative-uniform", "absolute-full"])
@@ -191,14 +192,7 @@ def test_prefixes_written_ahead_score_like_a_full_forward(models, plan: str) -> 
         for row, generation in zip(part.picked, part.generations, strict=True):
             prefix = batch.tokens[row][batch.teacher_mask[row]].tolist()
             assert prefix == generation.tokens[: len(prefix)]
-        full = score_batch(teacher, batch.replace(teacher_cache=None), top_k=5)
-        cached = score_batch(teacher, batch, top_k=5)
-        assert batch.teacher_cache.used
-        response = batch.response_mask
-        for name in FIELDS:
-            torch.testing.assert_close(
-                getattr(cached, name)[response], getattr(full, name)[response], rtol=0, atol=ATOL
-            )
+        assert_cached_scores_equal_a_full_forward(teacher, batch)
 
 
 def test_responses_written_for_other_rows_are_refused(models) -> None:
