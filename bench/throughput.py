@@ -613,9 +613,7 @@ def run_tropd(
                 records.append(loop.train_step(setup, step, rank=0, world_size=1))
                 step += 1
             after = meter.snapshot()
-            mean = {
-                k: statistics.fmean(r[k] for r in records) for k in records[0] if k != "samples"
-            }
+            mean = {k: statistics.fmean(r[k] for r in records) for k in GROUP_MEANS}
             phases = {p: mean[f"time_{p}_s"] for p in ("generate", "teacher", "train", "optimizer")}
             sample = step_sample(
                 before,
