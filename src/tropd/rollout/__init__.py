@@ -100,7 +100,7 @@ def write_prefixes(teacher: Engine, requests: list[TeacherRequest]) -> list[Writ
     written, begin = [], 0
     for r in requests:
         end = begin + len(r.picked)
-        part = state if len(requests) == 1 or state is None else state.select(range(begin, end))
+        part = state if len(requests) == 1 or state is None else state.select(slice(begin, end))
         written.append(Written(r.picked, generations[begin:end], part))
         begin = end
     return written

@@ -62,11 +62,10 @@ class DecodeState:
     hidden: torch.Tensor
     prompt_width: int
 
-    def select(self, rows: range) -> DecodeState | None:
-        """The state of `rows` alone, as views of this one (which must then stay as it is;
-        scoring extends a cache by new tensors, not in place); None for a cache without
-        per-layer keys and values."""
-        part = slice(rows.start, rows.stop)
+    def select(self, part: slice) -> DecodeState | None:
+        """The state of the rows `part` alone, as views of this one (which must then stay as
+        it is; scoring extends a cache by new tensors, not in place); None for a cache
+        without per-layer keys and values."""
         cache = copy.copy(self.cache)
         try:  # a transformers `Cache`: one copied layer object per layer, its tensors sliced
             cache.layers = [copy.copy(layer) for layer in self.cache.layers]

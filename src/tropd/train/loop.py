@@ -234,9 +234,9 @@ def train_step(setup: Setup, step: int, rank: int, world_size: int) -> dict[str,
     # A tied embedding looked up with a sparse gradient (`sparse_lookup`) ends dense when the
     # head's gradient reached it, as every loss through the head does; a loss that reached
     # only the lookup would leave it sparse, which clipping and fused AdamW do not take.
-    for p in student.parameters():
-        if p.grad is not None and p.grad.is_sparse:
-            p.grad = p.grad.to_dense()
+    embedding = student.get_input_embeddings().weight
+    if embedding.grad is not None and embedding.grad.is_sparse:
+        embedding.grad = embedding.grad.to_dense()
     clip = config.optim.grad_clip or math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip))
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
